@@ -1,0 +1,9 @@
+"""accept: not yet implemented."""
+
+from __future__ import annotations
+
+from proxy.context import AttemptContext
+
+
+def build_attempt(ctx: AttemptContext) -> None:
+    return None

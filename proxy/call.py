@@ -1,0 +1,189 @@
+"""What flows through the pipeline: one :class:`Call` per request, one :class:`Reply` back.
+
+A policy reads and annotates the ``Call`` (arm, cache status, fault plan, attempts...) and
+returns a ``Reply``: buffered (``body``) or streamed (``stream``, whose first chunk has
+already arrived: that is the commit point after which nothing is retried).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from multidict import CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from aiohttp import ClientResponse
+
+    from proxy.clock import Clock
+    from proxy.runtime import Arm, CompiledRoute, Runtime
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False
+
+
+class ReplyStream:
+    """A streamed upstream body whose first chunk has arrived.
+
+    ``observers`` see every chunk (metering, cache recording); ``on_close`` callbacks run
+    once when the stream ends, with ``True`` when it completed and ``False`` when it broke
+    or the client went away.
+    """
+
+    __slots__ = ("_closed", "_iter", "_response", "first", "observers", "on_close")
+
+    def __init__(
+        self,
+        first: bytes,
+        chunks: AsyncIterator[bytes],
+        response: ClientResponse | None = None,
+    ) -> None:
+        self.first = first
+        self._iter = chunks
+        self._response = response
+        self._closed = False
+        self.observers: list[Callable[[bytes], None]] = []
+        self.on_close: list[Callable[[bool], Awaitable[None] | None]] = []
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iter
+
+    async def close(self, completed: bool) -> None:
+        """Release the upstream connection and run the ``on_close`` callbacks (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._response is not None:
+            if completed:
+                self._response.release()
+            else:
+                self._response.close()
+        for callback in self.on_close:
+            result = callback(completed)
+            if result is not None:
+                await result
+
+
+@dataclass(slots=True)
+class Reply:
+    """An answer for the client: from a provider, the cache, a fault or a fallback."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes | None = None
+    stream: ReplyStream | None = None
+    provider: str | None = None
+    model: str | None = None
+    tier: int | None = None  # 1-based configured position
+    usage: Usage | None = None
+    cost_usd: float | None = None
+    #: set when the reply is not the upstream's verbatim answer for tier 1
+    fallback_reason: str | None = None
+    #: "provider" (relayed), "cache", "fault", "fallback_response"
+    source: str = "provider"
+    _json: Any = field(default=None, repr=False)
+
+    def header(self, name: str) -> str | None:
+        """First value of header ``name`` (lower-case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def json(self) -> Any:
+        """The body parsed as JSON (cached); raises ``orjson.JSONDecodeError``."""
+        if self._json is None:
+            self._json = orjson.loads(self.body or b"")
+        return self._json
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    tier: int
+    provider: str
+    status: int | None
+    error: str | None
+    duration_ms: float
+
+
+_UNSET: Any = object()
+
+
+class Call:
+    """One request's working state, made by the server and passed to every policy."""
+
+    __slots__ = (
+        "_json", "arm", "attempts", "body", "cache_status", "canary", "client_id", "clock",
+        "deadline", "downgrade", "fallback_reason", "fault", "headers", "log", "method",
+        "path", "query", "remote", "request_id", "route", "runtime", "started", "tier_bodies",
+        "timings",
+    )
+
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        route: CompiledRoute,
+        clock: Clock,
+        request_id: str,
+        method: str,
+        path: str,
+        query: str,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        remote: str | None,
+        started: float,
+        deadline: float,
+    ) -> None:
+        self.runtime = runtime
+        self.route = route
+        self.clock = clock
+        self.request_id = request_id
+        self.method = method
+        self.path = path  # raw (still percent-encoded) path
+        self.query = query  # raw query string, without '?'
+        self.headers = headers  # the client's request headers
+        self.body = body
+        self.remote = remote
+        self.started = started
+        self.deadline = deadline  # monotonic; every timer is cut to it
+        self.arm: Arm = route.stable
+        self.canary: str | None = None
+        self.cache_status: str | None = None
+        self.client_id: str | None = None
+        self.fault: Any = None  # policies.faults.FaultPlan when the route has faults
+        self.downgrade = False
+        self.fallback_reason: str | None = None
+        self.attempts: list[AttemptRecord] = []
+        self.timings: dict[str, float] = {}
+        self.log: dict[str, Any] = {}
+        self.tier_bodies: dict[int, bytes] | None = None
+        self._json: Any = _UNSET
+
+    def time_left(self) -> float:
+        """Seconds until the request's deadline (may be <= 0)."""
+        return self.deadline - self.clock.monotonic()
+
+    def json(self) -> Any:
+        """The request body parsed as JSON once, or None when it is not JSON."""
+        if self._json is _UNSET:
+            try:
+                self._json = orjson.loads(self.body) if self.body else None
+            except orjson.JSONDecodeError:
+                self._json = None
+        return self._json
+
+    def set_json(self, value: Any) -> None:
+        """Replace the body with ``value`` re-encoded (redaction, rewrites)."""
+        self._json = value
+        self.body = orjson.dumps(value)
+        self.tier_bodies = None
+
+
+Handler = Callable[[Call], Awaitable[Reply]]

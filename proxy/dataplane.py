@@ -1,0 +1,293 @@
+"""The data plane's request handler: request id, access log and error boundary.
+
+Every request ends here with exactly one outcome: one access-log line and one increment of
+``rp_requests_total``, whatever happened (a reply, a proxy error, a broken stream, a client
+that went away). Proxy errors become JSON once, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.call import Call, Reply
+from proxy.errors import BodyTooLarge, NoRoute, ProxyError, Timeout, UpstreamError
+from proxy.metrics import status_class
+
+if TYPE_CHECKING:
+    from proxy.runtime import CompiledRoute, Runtime
+    from proxy.server import ProxyServer
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_JSON_HEADERS = (("content-type", "application/json"),)
+
+
+class Overloaded(ProxyError):
+    status, type = 503, "overloaded"
+
+
+class _Done:
+    """What the access log records about how a request ended."""
+
+    __slots__ = ("error", "outcome", "reply", "status")
+
+    def __init__(self) -> None:
+        self.status = 500
+        self.outcome = "internal_error"
+        self.reply: Reply | None = None
+        self.error: str | None = None
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+class DataPlane:
+    """The handler given to aiohttp's low-level server."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self._server = server
+        self._deps = server.deps
+        self._clock = server.deps.clock
+        self._metrics = server.deps.metrics
+        self._log = server.deps.log
+        self.in_flight = 0
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = self._clock.monotonic()
+        rt = self._server.runtime
+        rt.active += 1
+        self.in_flight += 1
+        server_cfg = rt.loaded.config.server
+        rid = request.headers.get("x-request-id")
+        if not (server_cfg.trust_request_id and rid and _REQUEST_ID.fullmatch(rid)):
+            rid = new_request_id()
+        route = rt.match(request.method, request.raw_path.split("?", 1)[0], request.headers)
+        done = _Done()
+        call: Call | None = None
+        try:
+            if self.in_flight > server_cfg.max_concurrent_requests:
+                raise Overloaded("too many requests in flight")
+            if route is None:
+                raise NoRoute(f"no route for {request.method} {request.path}")
+            body = await _read_body(request, server_cfg.max_request_body)
+            call = Call(
+                runtime=rt, route=route, clock=self._clock, request_id=rid,
+                method=request.method, path=request.raw_path.split("?", 1)[0],
+                query=request.query_string, headers=request.headers, body=body,
+                remote=request.remote, started=started, deadline=started + route.total_s,
+            )
+            call.timings["t_queue"] = (self._clock.monotonic() - started) * 1000
+            reply = await route.handler(call)
+            done.reply = reply
+            return await self._respond(request, call, reply, done)
+        except ProxyError as exc:
+            done.status, done.outcome, done.error = exc.status, exc.type, exc.message
+            return _error_response(exc, rid, route, call)
+        except asyncio.CancelledError:
+            done.status, done.outcome = 499, "client_disconnected"
+            raise
+        except ConnectionResetError:
+            done.status, done.outcome = 499, "client_disconnected"
+            raise
+        except Exception as exc:  # the boundary: never a traceback with secrets to the client
+            self._log.error("internal_error", request_id=rid, error=type(exc).__name__,
+                            exc_info=True)
+            err = ProxyError("internal error")
+            done.status, done.outcome = 500, "internal_error"
+            return _error_response(err, rid, route, call)
+        finally:
+            self.in_flight -= 1
+            self._finish(request, rt, route, call, done, started, rid)
+
+    async def _respond(self, request: web.BaseRequest, call: Call, reply: Reply,
+                       done: _Done) -> web.StreamResponse:
+        headers = CIMultiDict(reply.headers)
+        _annotate(headers, call, reply)
+        done.status = reply.status
+        done.outcome = _outcome(reply)
+        if reply.stream is None:
+            return web.Response(status=reply.status, body=reply.body, headers=headers)
+        return await self._relay_stream(request, call, reply, headers, done)
+
+    async def _relay_stream(self, request: web.BaseRequest, call: Call, reply: Reply,
+                            headers: CIMultiDict[str], done: _Done) -> web.StreamResponse:
+        stream = reply.stream
+        assert stream is not None
+        resp = web.StreamResponse(status=reply.status, headers=headers)
+        sse = headers.get("content-type", "").startswith("text/event-stream")
+        completed = False
+        idle_s = call.arm.timeout.idle
+        try:
+            await resp.prepare(request)
+            for observe in stream.observers:
+                observe(stream.first)
+            await resp.write(stream.first)
+            chunks = aiter(stream)
+            while True:
+                left = call.time_left()
+                timer, limit = ("idle", idle_s) if idle_s < left else ("total", max(left, 0.0))
+                try:
+                    async with asyncio.timeout(limit):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    named = idle_s if timer == "idle" else call.arm.timeout.total
+                    raise Timeout(timer, named) from None
+                for observe in stream.observers:
+                    observe(chunk)
+                await resp.write(chunk)
+            await resp.write_eof()
+            completed = True
+            return resp
+        except (Timeout, UpstreamError) as exc:
+            done.outcome, done.error = "stream_interrupted", exc.message
+            if sse:
+                err = {"error": {"type": exc.type, "message": exc.message,
+                                 "request_id": call.request_id, "route": call.route.name}}
+                await resp.write(b"event: error\ndata: " + orjson.dumps(err) + b"\n\n")
+                await resp.write_eof()
+            elif request.transport is not None:
+                request.transport.close()  # a non-SSE body is cut by closing the connection
+            return resp
+        finally:
+            await stream.close(completed)
+
+    def _finish(self, request: web.BaseRequest, rt: Runtime, route: CompiledRoute | None,
+                call: Call | None, done: _Done, started: float, rid: str) -> None:
+        elapsed = self._clock.monotonic() - started
+        route_name = route.name if route is not None else "_none"
+        reply = done.reply
+        m = self._metrics
+        m.requests.labels(route_name, status_class(done.status), done.outcome).inc()
+        m.request_duration.labels(route_name).observe(elapsed)
+        if route is not None:
+            fallback = reply is not None and reply.fallback_reason is not None
+            route.stats.observe(reply.tier if reply is not None else None, fallback, elapsed)
+        self._log.info("request", **_log_fields(request, route_name, call, done, rid, elapsed))
+        rt.active -= 1
+        if rt.retired and rt.active == 0:
+            self._server.close_retired(rt)
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(f"request body of {length} bytes is over the {limit}-byte limit")
+    if not request.body_exists:
+        return b""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the {limit}-byte limit")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _annotate(headers: CIMultiDict[str], call: Call, reply: Reply) -> None:
+    headers["x-request-id"] = call.request_id
+    headers["x-rp-route"] = call.route.name
+    if reply.provider is not None:
+        headers["x-rp-provider"] = reply.provider
+    if reply.model is not None:
+        headers["x-rp-model"] = reply.model
+    if reply.tier is not None:
+        headers["x-rp-tier"] = str(reply.tier)
+    headers["x-rp-attempts"] = str(len(call.attempts))
+    if call.cache_status is not None:
+        headers["x-rp-cache"] = call.cache_status
+    if call.canary is not None:
+        headers["x-rp-canary"] = call.canary
+    fallback = reply.fallback_reason or call.fallback_reason
+    if fallback is not None:
+        headers["x-rp-fallback"] = fallback
+    if reply.source == "cache":
+        headers["x-rp-cost-usd"] = "0"
+    elif reply.cost_usd is not None and reply.stream is None:
+        headers["x-rp-cost-usd"] = f"{reply.cost_usd:.6f}"
+
+
+def _outcome(reply: Reply) -> str:
+    if reply.source == "cache":
+        return "cache_hit"
+    if reply.source == "fallback_response":
+        return "fallback_response"
+    if reply.status >= 400:
+        return "provider_error"
+    return "fallback" if reply.fallback_reason is not None else "ok"
+
+
+def _error_response(exc: ProxyError, rid: str, route: CompiledRoute | None,
+                    call: Call | None) -> web.Response:
+    route_name = route.name if route is not None else None
+    body = {"error": {"type": exc.type, "message": exc.message, "request_id": rid,
+                      "route": route_name}}
+    headers: CIMultiDict[str] = CIMultiDict(_JSON_HEADERS)
+    headers["x-request-id"] = rid
+    if route_name is not None:
+        headers["x-rp-route"] = route_name
+    if call is not None:
+        headers["x-rp-attempts"] = str(len(call.attempts))
+        if call.cache_status is not None:
+            headers["x-rp-cache"] = call.cache_status
+        if call.canary is not None:
+            headers["x-rp-canary"] = call.canary
+        if call.fallback_reason is not None:
+            headers["x-rp-fallback"] = call.fallback_reason
+    if exc.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return web.Response(status=exc.status, body=orjson.dumps(body), headers=headers)
+
+
+def _log_fields(request: web.BaseRequest, route: str, call: Call | None, done: _Done,
+                rid: str, elapsed: float) -> dict[str, Any]:
+    reply = done.reply
+    fields: dict[str, Any] = {
+        "request_id": rid, "route": route, "method": request.method,
+        "path": request.raw_path.split("?", 1)[0][:512], "status": done.status,
+        "outcome": done.outcome, "provider": None, "used_model": None,
+        "prompt_version": request.headers.get("x-prompt-version"), "tier": None,
+        "attempts": 0, "cache": None, "canary": None, "cost_usd": None, "tokens": None,
+        "t_queue": None, "t_cache": None, "t_upstream_first_byte": None,
+        "t_upstream_total": None, "t_total": round(elapsed * 1000, 3),
+    }
+    if reply is not None:
+        fields["provider"] = reply.provider
+        fields["used_model"] = reply.model
+        fields["tier"] = reply.tier
+        fields["cost_usd"] = 0.0 if reply.source == "cache" else reply.cost_usd
+        if reply.usage is not None:
+            fields["tokens"] = {"input": reply.usage.input_tokens,
+                                "output": reply.usage.output_tokens}
+            if reply.usage.estimated:
+                fields["tokens_estimated"] = True
+        fallback = reply.fallback_reason
+        if fallback is not None:
+            fields["fallback"] = fallback
+    if done.error is not None:
+        fields["error"] = done.error
+    if call is not None:
+        fields["attempts"] = len(call.attempts)
+        fields["cache"] = call.cache_status
+        fields["canary"] = call.canary
+        for k, v in call.timings.items():
+            fields[k] = round(v, 3)
+        if call.attempts:
+            fields["t_upstream_total"] = round(sum(a.duration_ms for a in call.attempts), 3)
+            fields["attempt_log"] = [
+                {"tier": a.tier, "provider": a.provider, "status": a.status, "error": a.error,
+                 "ms": a.duration_ms} for a in call.attempts
+            ]
+        if call.log:
+            fields.update(call.log)
+    return fields

@@ -1,0 +1,71 @@
+"""Prometheus metrics, one registry per :class:`Metrics` (no module globals).
+
+Names and labels follow the contract (DESIGN §5); labels stay low-cardinality: route,
+provider, model, tier, outcome, status class (``code``), reason, result.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class Metrics:
+    """Every metric the proxy exports, registered in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.requests = Counter("rp_requests_total", "Requests answered, one per request.",
+                                ["route", "code", "outcome"], registry=r)
+        self.request_duration = Histogram(
+            "rp_request_duration_seconds", "Time from request arrival to the last byte sent.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("rp_requests_in_flight", "Requests being served.", registry=r)
+        self.upstream_attempts = Counter(
+            "rp_upstream_attempts_total", "Upstream attempts by result (status class or error).",
+            ["route", "provider", "tier", "result"], registry=r)
+        self.upstream_duration = Histogram(
+            "rp_upstream_duration_seconds", "Duration of one upstream attempt to its first byte.",
+            ["provider"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("rp_retries_total", "Retries, by reason.", ["route", "reason"],
+                               registry=r)
+        self.fallbacks = Counter("rp_fallbacks_total", "Tiers left for the next, by reason.",
+                                 ["route", "reason"], registry=r)
+        self.cache_requests = Counter("rp_cache_requests_total", "Cache lookups by result.",
+                                      ["route", "result"], registry=r)
+        self.tokens = Counter("rp_tokens_total", "Tokens used, by kind (input|output).",
+                              ["provider", "model", "kind"], registry=r)
+        self.cost_usd = Counter("rp_cost_usd_total", "Cost of answered calls in USD.",
+                                ["route", "provider", "model"], registry=r)
+        self.budget_spend_usd = Gauge("rp_budget_spend_usd", "Spend in the current window.",
+                                      ["budget", "key"], registry=r)
+        self.budget_utilization = Gauge("rp_budget_utilization_ratio",
+                                        "Spend (or requests) over limit in the current window.",
+                                        ["budget", "key"], registry=r)
+        self.budget_crossings = Counter("rp_budget_threshold_crossings_total",
+                                        "Budget thresholds crossed.", ["budget", "action"],
+                                        registry=r)
+        self.circuit_state = Gauge("rp_circuit_state", "0 closed, 1 half-open, 2 open.",
+                                   ["provider"], registry=r)
+        self.canary_weight = Gauge("rp_canary_weight", "Percent of keys sent to the variant.",
+                                   ["route"], registry=r)
+        self.canary_rollbacks = Counter("rp_canary_rollbacks_total", "Automatic rollbacks.",
+                                        ["route"], registry=r)
+        self.rate_limited = Counter("rp_rate_limited_total",
+                                    "Requests refused or delayed by a client-side rate limit.",
+                                    ["provider", "result"], registry=r)
+        self.config_reloads = Counter("rp_config_reloads_total", "Config loads by result.",
+                                      ["result"], registry=r)
+        self.state_errors = Counter("rp_state_errors_total",
+                                    "Shared-state calls that failed or timed out.", ["feature"],
+                                    registry=r)
+        self.redactions = Counter("rp_redactions_total", "Values masked in request bodies.",
+                                  ["route", "kind"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,50 @@
+"""Attempt recording: every upstream attempt, whatever its end, in the call and metrics."""
+
+from __future__ import annotations
+
+from proxy.call import AttemptRecord, Call, Handler, Reply
+from proxy.context import AttemptContext
+from proxy.errors import ProxyError
+from proxy.metrics import status_class
+
+
+class RecordAttempt:
+    __slots__ = ("_attempts", "_clock", "_duration", "_provider", "_route", "_tier", "_tier_s")
+
+    def __init__(self, ctx: AttemptContext) -> None:
+        m = ctx.deps.metrics
+        self._clock = ctx.deps.clock
+        self._provider = ctx.provider.name
+        self._route = ctx.route.name
+        self._tier = ctx.tier_index
+        self._tier_s = str(ctx.tier_index)
+        self._attempts = m.upstream_attempts
+        self._duration = m.upstream_duration.labels(ctx.provider.name)
+
+    async def __call__(self, call: Call, next_: Handler) -> Reply:
+        start = self._clock.monotonic()
+        status: int | None = None
+        error: str | None = None
+        try:
+            reply = await next_(call)
+            status = reply.status
+            return reply
+        except ProxyError as exc:
+            error = getattr(exc, "kind", None) or exc.type
+            raise
+        except BaseException:
+            error = "cancelled"
+            raise
+        finally:
+            elapsed = self._clock.monotonic() - start
+            call.attempts.append(AttemptRecord(self._tier, self._provider, status, error,
+                                               round(elapsed * 1000, 3)))
+            self._duration.observe(elapsed)
+            result = status_class(status) if status is not None else (error or "error")
+            self._attempts.labels(self._route, self._provider, self._tier_s, result).inc()
+            if "t_upstream_first_byte" not in call.timings:
+                call.timings["t_upstream_first_byte"] = (start - call.started + elapsed) * 1000
+
+
+def build_attempt(ctx: AttemptContext) -> RecordAttempt:
+    return RecordAttempt(ctx)

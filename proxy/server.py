@@ -1,0 +1,194 @@
+"""The proxy process: data and admin listeners, reload, drain.
+
+- Reload (``SIGHUP`` or ``POST /admin/reload``) is atomic: the file is validated and
+  compiled into a new :class:`~proxy.runtime.Runtime` first; an invalid file changes
+  nothing. Requests in flight finish on the runtime they started with, which is closed when
+  its last request ends.
+- Shutdown (``SIGTERM``): stop accepting, let in-flight requests finish up to
+  ``drain_timeout``, flush what policies registered as ``flush`` hooks, close, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from proxy import accesslog
+from proxy.clock import Clock, SystemClock
+from proxy.context import Deps, Keeper
+from proxy.dataplane import DataPlane
+from proxy.loader import ConfigError, LoadedConfig, load_config
+from proxy.metrics import Metrics
+from proxy.mock import MockProvider, start_mock
+from proxy.runtime import Runtime, build_runtime
+from proxy.state.backend import StateBackend
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class ProxyServer:
+    """One proxy process (or worker): owns its listeners, runtime and dependencies."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        log: Any = None,
+        rand: random.Random | None = None,
+    ) -> None:
+        self.loaded = loaded
+        clock = clock or SystemClock()
+        metrics = metrics or Metrics()
+        log = log or accesslog.get_logger()
+        state = StateBackend(loaded.config.state, metrics, log, clock)
+        self.deps = Deps(clock=clock, metrics=metrics, log=log, state=state,
+                         rand=rand or random.Random())
+        self.keeper = Keeper()
+        self.runtime: Runtime = None  # type: ignore[assignment]  # set by start()
+        self.mock: MockProvider | None = None
+        self._mock_runner: web.AppRunner | None = None
+        self._mock_url: str | None = None
+        self._data_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.data_url = ""
+        self.admin_url = ""
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.dataplane: DataPlane | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self, *, listen: str | None = None, admin_listen: str | None = None,
+                    reuse_port: bool = False) -> None:
+        cfg = self.loaded.config
+        if any(p.url.startswith("mock://") for p in cfg.providers.values()):
+            self.mock, self._mock_runner, self._mock_url = await start_mock()
+        self.runtime = await build_runtime(self.loaded, self.deps, self.keeper, self._mock_url)
+        self.deps.metrics.config_reloads.labels("ok").inc()
+        self._publish_config_metrics()
+        self.dataplane = DataPlane(self)
+        s = cfg.server
+        lowlevel = web.Server(
+            self.dataplane, handler_cancellation=True, access_log=None,
+            max_field_size=s.max_header_size, max_line_size=s.max_header_size,
+            keepalive_timeout=s.keepalive_timeout,
+        )
+        self._data_runner = web.ServerRunner(lowlevel, shutdown_timeout=s.drain_timeout)
+        await self._data_runner.setup()
+        host, port = _split(listen or s.listen)
+        await web.TCPSite(self._data_runner, host, port, reuse_port=reuse_port).start()
+        self.data_url = _url(self._data_runner)
+        from proxy.admin import admin_app
+
+        self._admin_runner = web.AppRunner(admin_app(self), access_log=None)
+        await self._admin_runner.setup()
+        host, port = _split(admin_listen or s.admin_listen)
+        await web.TCPSite(self._admin_runner, host, port, reuse_port=reuse_port).start()
+        self.admin_url = _url(self._admin_runner)
+        self.deps.log.info("started", listen=self.data_url, admin=self.admin_url,
+                           config=self.loaded.path, routes=len(cfg.routes))
+
+    async def stop(self) -> None:
+        """Drain and close: in-flight requests get up to ``drain_timeout`` to finish."""
+        self.deps.log.info("draining", in_flight=self.dataplane.in_flight if self.dataplane else 0)
+        if self._data_runner is not None:
+            await self._data_runner.cleanup()  # stops accepting, waits for handlers
+        await self._run_hooks("flush")
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if self.runtime is not None:
+            await self.runtime.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.deps.state.close()
+        if self._mock_runner is not None:
+            await self._mock_runner.cleanup()
+        self.deps.log.info("stopped")
+
+    def install_signal_handlers(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a background task the server keeps a reference to and cancels on stop."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---------------------------------------------------------------- reload
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file; returns the errors ([] when it was applied)."""
+        async with self._reload_lock:
+            try:
+                loaded = load_config(self.loaded.path)
+            except ConfigError as exc:
+                return self._reload_failed(exc.errors)
+            if loaded.config.state != self.loaded.config.state:
+                return self._reload_failed(
+                    ["state: changing the state backend needs a restart"])
+            if loaded.config.server.listen != self.loaded.config.server.listen or \
+                    loaded.config.server.admin_listen != self.loaded.config.server.admin_listen:
+                self.deps.log.warning("reload_listen_ignored",
+                                      reason="listen addresses change on restart only")
+            if any(p.url.startswith("mock://") for p in loaded.config.providers.values()) \
+                    and self._mock_url is None:
+                self.mock, self._mock_runner, self._mock_url = await start_mock()
+            try:
+                runtime = await build_runtime(loaded, self.deps, self.keeper, self._mock_url)
+            except Exception as exc:  # a config that validates but cannot be compiled
+                return self._reload_failed([f"<runtime>: {type(exc).__name__}: {exc}"])
+            old, self.runtime, self.loaded = self.runtime, runtime, loaded
+            old.retired = True
+            if old.active == 0:
+                self.close_retired(old)
+            self.deps.metrics.config_reloads.labels("ok").inc()
+            self._publish_config_metrics()
+            self.deps.log.info("config_reloaded", path=loaded.path, sha256=loaded.sha256)
+            return []
+
+    def _reload_failed(self, errors: list[str]) -> list[str]:
+        self.deps.metrics.config_reloads.labels("error").inc()
+        self.deps.log.error("config_reload_failed", path=self.loaded.path, errors=errors)
+        return errors
+
+    def close_retired(self, runtime: Runtime) -> None:
+        self.spawn(runtime.close())
+
+    def _publish_config_metrics(self) -> None:
+        for hook in self.runtime.registry.get("on_load", {}).values():
+            hook()
+
+    async def _run_hooks(self, kind: str) -> None:
+        if self.runtime is None:
+            return
+        for hook in self.runtime.registry.get(kind, {}).values():
+            try:
+                await hook()
+            except Exception as exc:
+                self.deps.log.error("hook_failed", kind=kind, error=type(exc).__name__)
+
+    # ---------------------------------------------------------------- readiness
+
+    def ready(self) -> tuple[bool, list[str]]:
+        blind = sorted(self.deps.state.blind)
+        return (self.runtime is not None and not blind), blind
+
+
+def _url(runner: web.BaseRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
