@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     if workers > 1:
         from proxy.workers import run_workers
 
-        return run_workers(loaded, workers, args.listen, args.admin_listen)
+        return run_workers(loaded, workers, args.listen, args.admin_listen, args.log_level)
     return asyncio.run(serve(loaded, args.listen, args.admin_listen))
 
 

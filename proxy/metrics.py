@@ -2,11 +2,19 @@
 
 Names and labels follow the contract (DESIGN §5); labels stay low-cardinality: route,
 provider, model, tier, outcome, status class (``code``), reason, result.
+
+With ``--workers N`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers
+import prometheus-client; values then live in shared files and :meth:`Metrics.render`
+aggregates every worker's (gauges declare how: ``livesum`` for in-flight, ``max`` for
+states and ratios that every worker reads from the same shared state).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -25,7 +33,8 @@ class Metrics:
         self.request_duration = Histogram(
             "rp_request_duration_seconds", "Time from request arrival to the last byte sent.",
             ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("rp_requests_in_flight", "Requests being served.", registry=r)
+        self.in_flight = Gauge("rp_requests_in_flight", "Requests being served.", registry=r,
+                               multiprocess_mode="livesum")
         self.upstream_attempts = Counter(
             "rp_upstream_attempts_total", "Upstream attempts by result (status class or error).",
             ["route", "provider", "tier", "result"], registry=r)
@@ -43,17 +52,17 @@ class Metrics:
         self.cost_usd = Counter("rp_cost_usd_total", "Cost of answered calls in USD.",
                                 ["route", "provider", "model"], registry=r)
         self.budget_spend_usd = Gauge("rp_budget_spend_usd", "Spend in the current window.",
-                                      ["budget", "key"], registry=r)
+                                      ["budget", "key"], registry=r, multiprocess_mode="max")
         self.budget_utilization = Gauge("rp_budget_utilization_ratio",
                                         "Spend (or requests) over limit in the current window.",
-                                        ["budget", "key"], registry=r)
+                                        ["budget", "key"], registry=r, multiprocess_mode="max")
         self.budget_crossings = Counter("rp_budget_threshold_crossings_total",
                                         "Budget thresholds crossed.", ["budget", "action"],
                                         registry=r)
         self.circuit_state = Gauge("rp_circuit_state", "0 closed, 1 half-open, 2 open.",
-                                   ["provider"], registry=r)
+                                   ["provider"], registry=r, multiprocess_mode="max")
         self.canary_weight = Gauge("rp_canary_weight", "Percent of keys sent to the variant.",
-                                   ["route"], registry=r)
+                                   ["route"], registry=r, multiprocess_mode="max")
         self.canary_rollbacks = Counter("rp_canary_rollbacks_total", "Automatic rollbacks.",
                                         ["route"], registry=r)
         self.rate_limited = Counter("rp_rate_limited_total",
@@ -68,4 +77,10 @@ class Metrics:
                                   ["route", "kind"], registry=r)
 
     def render(self) -> bytes:
+        """The exposition text: this process's registry, or every worker's in multiprocess mode."""
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if path:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=path)
+            return generate_latest(registry)
         return generate_latest(self.registry)
