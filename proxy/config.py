@@ -101,9 +101,15 @@ class RedisConfig(Model):
     max_connections: int = Field(default=64, ge=1)
 
 
+class MemoryStateConfig(Model):
+    #: bytes of cached replies one process keeps (least recently used evicted past it)
+    max_size: Size = 128 * 1024**2
+
+
 class StateConfig(Model):
     backend: Literal["memory", "redis"] = "memory"
     redis: RedisConfig = RedisConfig()
+    memory: MemoryStateConfig = MemoryStateConfig()
 
 
 # --------------------------------------------------------------------------- providers

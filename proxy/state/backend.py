@@ -1,9 +1,11 @@
 """The state backend: which store is in use, and the rules every shared-state call obeys.
 
 - Memory (``state.backend: memory``): this process only; no connection, never blind.
-- Redis: one ``redis.asyncio`` client with a pool; every call through :meth:`StateBackend.call`
-  is bounded by ``state.redis.timeout``, so Redis never holds a request longer than that.
-  A failure is counted in ``rp_state_errors_total{feature}``, logged once per burst, and
+- Redis: one ``redis.asyncio`` client over a blocking pool of ``state.redis.max_connections``;
+  every call through :meth:`StateBackend.call` is bounded by ``state.redis.timeout``
+  (waiting for a pooled connection included), so Redis never holds a request longer than
+  that. A failure is counted in ``rp_state_errors_total{feature}``, logged once per burst
+  (``state_unavailable``; ``state_recovered`` when the feature's next call succeeds), and
   raised as :class:`StateError` for the feature to apply its own failure rule (the cache
   fails open, a budget follows ``on_state_error``, canary keeps the last known weight).
 
@@ -19,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.clock import Clock
@@ -47,17 +51,24 @@ class StateBackend:
         self._log = log
         self._clock = clock
         self._last_logged: dict[str, float] = {}
+        self._failing: set[str] = set()
         self._blind: set[str] = set()
         self.redis: aioredis.Redis | None = None
         if cfg.backend == "redis":
-            self.redis = aioredis.Redis.from_url(
+            # A blocking pool: past max_connections a call waits for a free connection
+            # (within the timeout) instead of failing at once with "Too many connections".
+            # One immediate retry re-dials a pooled connection that a Redis restart closed,
+            # so a restart costs no error; a Redis that is down still fails within timeout.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 cfg.redis.url,
+                max_connections=cfg.redis.max_connections,
+                timeout=cfg.redis.timeout,
                 socket_timeout=cfg.redis.timeout,
                 socket_connect_timeout=cfg.redis.timeout,
-                max_connections=cfg.redis.max_connections,
-                retry_on_timeout=False,
+                retry=Retry(NoBackoff(), 1),
                 decode_responses=False,
             )
+            self.redis = aioredis.Redis(connection_pool=pool)
 
     def key(self, tag: str, *parts: str) -> str:
         """``<prefix>{<tag>}:<part>:<part>`` — one hash slot per tag."""
@@ -67,14 +78,19 @@ class StateBackend:
         """Run one Redis operation within ``state.redis.timeout``; raise StateError on failure."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await fn()
+                result = await fn()
         except (RedisError, OSError, TimeoutError) as exc:
             self.failed(feature, exc)
             raise StateError(feature) from None
+        if self._failing and feature in self._failing:
+            self._failing.discard(feature)
+            self._log.info("state_recovered", feature=feature)
+        return result
 
     def failed(self, feature: str, exc: BaseException) -> None:
         """Count a failure and log it once per burst (not once per request)."""
         self._metrics.state_errors.labels(feature).inc()
+        self._failing.add(feature)
         now = self._clock.monotonic()
         if now - self._last_logged.get(feature, -1e9) >= _LOG_EVERY_S:
             self._last_logged[feature] = now
@@ -94,3 +110,4 @@ class StateBackend:
     async def close(self) -> None:
         if self.redis is not None:
             await self.redis.aclose()
+            await self.redis.connection_pool.disconnect()
