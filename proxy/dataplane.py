@@ -18,8 +18,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.call import Call, Reply
-from proxy.errors import BodyTooLarge, NoRoute, ProxyError, Timeout, UpstreamError
+from proxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError, Timeout, UpstreamError
 from proxy.metrics import status_class
+from proxy.protocol import HeaderTimeoutProtocol
 
 if TYPE_CHECKING:
     from proxy.runtime import CompiledRoute, Runtime
@@ -30,7 +31,15 @@ _JSON_HEADERS = (("content-type", "application/json"),)
 
 
 class Overloaded(ProxyError):
+    """More than ``server.max_concurrent_requests`` in flight: shed at once."""
+
     status, type = 503, "overloaded"
+
+
+class RequestTimeout(ProxyError):
+    """The client did not send its body within the request's ``total``."""
+
+    status, type = 408, "request_timeout"
 
 
 class _Done:
@@ -65,24 +74,34 @@ class DataPlane:
         rt = self._server.runtime
         rt.active += 1
         self.in_flight += 1
+        proto = request.protocol
+        if isinstance(proto, HeaderTimeoutProtocol):
+            proto.request_started()
         server_cfg = rt.loaded.config.server
         rid = request.headers.get("x-request-id")
         if not (server_cfg.trust_request_id and rid and _REQUEST_ID.fullmatch(rid)):
             rid = new_request_id()
-        route = rt.match(request.method, request.raw_path.split("?", 1)[0], request.headers)
+        # the origin-form path and raw query, also for an absolute-form target
+        # ("GET http://other-host/v1/x"): its scheme and host are ignored, never followed
+        url = request.rel_url
+        path = url.raw_path
+        route = rt.match(request.method, path, request.headers)
         done = _Done()
         call: Call | None = None
         try:
             if self.in_flight > server_cfg.max_concurrent_requests:
                 raise Overloaded("too many requests in flight")
             if route is None:
-                raise NoRoute(f"no route for {request.method} {request.path}")
-            body = await _read_body(request, server_cfg.max_request_body)
+                raise NoRoute(f"no route for {request.method} {path[:256]}")
+            if _has_dot_segment(path):
+                raise BadRequest("the path must not contain '.' or '..' segments")
+            deadline = started + route.total_s
+            body = await _read_body(request, server_cfg.max_request_body, deadline - started)
             call = Call(
                 runtime=rt, route=route, clock=self._clock, request_id=rid,
-                method=request.method, path=request.raw_path.split("?", 1)[0],
-                query=request.query_string, headers=request.headers, body=body,
-                remote=request.remote, started=started, deadline=started + route.total_s,
+                method=request.method, path=path, query=url.raw_query_string,
+                headers=request.headers, body=body, remote=request.remote, started=started,
+                deadline=deadline,
             )
             call.timings["t_queue"] = (self._clock.monotonic() - started) * 1000
             reply = await route.handler(call)
@@ -105,6 +124,8 @@ class DataPlane:
             return _error_response(err, rid, route, call)
         finally:
             self.in_flight -= 1
+            if isinstance(proto, HeaderTimeoutProtocol):
+                proto.request_ended()
             self._finish(request, rt, route, call, done, started, rid)
 
     async def _respond(self, request: web.BaseRequest, call: Call, reply: Reply,
@@ -125,6 +146,7 @@ class DataPlane:
         sse = headers.get("content-type", "").startswith("text/event-stream")
         completed = False
         idle_s = call.arm.timeout.idle
+        relay_started = self._clock.monotonic()
         try:
             await resp.prepare(request)
             for observe in stream.observers:
@@ -159,6 +181,7 @@ class DataPlane:
                 request.transport.close()  # a non-SSE body is cut by closing the connection
             return resp
         finally:
+            call.timings["t_stream"] = (self._clock.monotonic() - relay_started) * 1000
             await stream.close(completed)
 
     def _finish(self, request: web.BaseRequest, rt: Runtime, route: CompiledRoute | None,
@@ -178,7 +201,9 @@ class DataPlane:
             self._server.close_retired(rt)
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+async def _read_body(request: web.BaseRequest, limit: int, within_s: float) -> bytes:
+    """The whole request body, refused (413) past ``limit`` bytes before anything is sent
+    upstream, and read within ``within_s`` (the request's total), else 408."""
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"request body of {length} bytes is over the {limit}-byte limit")
@@ -186,12 +211,27 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
         return b""
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the {limit}-byte limit")
-        parts.append(chunk)
+    try:
+        async with asyncio.timeout(within_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"request body is over the {limit}-byte limit")
+                parts.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {within_s:g}s") from None
     return b"".join(parts)
+
+
+_DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
+
+
+def _has_dot_segment(path: str) -> bool:
+    """True when a segment is ``.`` or ``..`` (also percent-encoded): an upstream would
+    resolve it and could leave the route's prefix or the provider's base path."""
+    if "." not in path and "%" not in path:
+        return False
+    return any(seg.lower() in _DOT_SEGMENTS for seg in path.split("/"))
 
 
 def _annotate(headers: CIMultiDict[str], call: Call, reply: Reply) -> None:
@@ -251,21 +291,26 @@ def _error_response(exc: ProxyError, rid: str, route: CompiledRoute | None,
 
 def _log_fields(request: web.BaseRequest, route: str, call: Call | None, done: _Done,
                 rid: str, elapsed: float) -> dict[str, Any]:
+    """The access-log line (DESIGN §5, types per §8): durations in ms are always floats
+    (0.0 for a stage that did not run); ``t_upstream_first_byte`` is null when no upstream
+    response arrived."""
     reply = done.reply
+    prompt_version = request.headers.get("x-prompt-version")
     fields: dict[str, Any] = {
         "request_id": rid, "route": route, "method": request.method,
-        "path": request.raw_path.split("?", 1)[0][:512], "status": done.status,
+        "path": request.rel_url.raw_path[:512], "status": done.status,
         "outcome": done.outcome, "provider": None, "used_model": None,
-        "prompt_version": request.headers.get("x-prompt-version"), "tier": None,
-        "attempts": 0, "cache": None, "canary": None, "cost_usd": None, "tokens": None,
-        "t_queue": None, "t_cache": None, "t_upstream_first_byte": None,
-        "t_upstream_total": None, "t_total": round(elapsed * 1000, 3),
+        "prompt_version": prompt_version[:128] if prompt_version is not None else None,
+        "tier": None, "attempts": 0, "cache": None, "canary": None, "cost_usd": None,
+        "tokens": None, "t_queue": 0.0, "t_cache": 0.0, "t_upstream_first_byte": None,
+        "t_upstream_total": 0.0, "t_total": round(elapsed * 1000, 3),
     }
     if reply is not None:
         fields["provider"] = reply.provider
         fields["used_model"] = reply.model
         fields["tier"] = reply.tier
-        fields["cost_usd"] = 0.0 if reply.source == "cache" else reply.cost_usd
+        cost = 0.0 if reply.source == "cache" else reply.cost_usd
+        fields["cost_usd"] = None if cost is None else float(cost)
         if reply.usage is not None:
             fields["tokens"] = {"input": reply.usage.input_tokens,
                                 "output": reply.usage.output_tokens}
@@ -281,9 +326,11 @@ def _log_fields(request: web.BaseRequest, route: str, call: Call | None, done: _
         fields["cache"] = call.cache_status
         fields["canary"] = call.canary
         for k, v in call.timings.items():
-            fields[k] = round(v, 3)
+            fields[k] = round(float(v), 3)
         if call.attempts:
-            fields["t_upstream_total"] = round(sum(a.duration_ms for a in call.attempts), 3)
+            # attempts (a streamed one to its first chunk) + the rest of the stream, if any
+            fields["t_upstream_total"] = round(
+                sum(a.duration_ms for a in call.attempts) + call.timings.get("t_stream", 0.0), 3)
             fields["attempt_log"] = [
                 {"tier": a.tier, "provider": a.provider, "status": a.status, "error": a.error,
                  "ms": a.duration_ms} for a in call.attempts

@@ -11,12 +11,20 @@ Endpoints:
 - ``GET /mock/stats``, ``GET /mock/requests`` (the last 256 requests as received: method,
   path, query, headers, body), ``POST /mock/reset``.
 
+``/mock/stats`` counts ``calls``, ``by_path``, ``by_status``, ``by_key``, ``tokens``,
+``streams`` (SSE replies started) and ``cancelled`` (requests whose client went away before
+the mock answered: what a proxy's client-disconnect or timeout cancellation looks like).
+A malformed ``x-mock-*`` value answers 400 ``mock_bad_header``.
+
 Per-request headers:
 
 ===========================  ==========================================================
-``x-mock-status: 503``       answer with that status (an OpenAI-style error body)
+``x-mock-status: 503``       answer with that status (an OpenAI-style error body; a 3xx
+                             is a redirect to ``x-mock-location``, default ``/``)
 ``x-mock-retry-after: 1``    with it, a ``Retry-After`` header
 ``x-mock-error-code: C``     the error body's ``code`` (e.g. ``insufficient_quota``)
+``x-mock-echo-auth: true``   the error message quotes the request's ``authorization``
+                             (as some providers do with a wrong key: a leak rehearsal)
 ``x-mock-delay: 2s``         wait before the response headers
 ``x-mock-chunk-delay: 50ms`` wait between SSE chunks
 ``x-mock-chunks: 5``         how many content chunks a stream has
@@ -27,9 +35,15 @@ Per-request headers:
                              ``x-mock-drop: headers`` closes before any response
 ``x-mock-fail-first: N``     fail the first N calls of ``x-mock-key`` (status from
                              ``x-mock-status``, default 503), then answer normally
+``x-mock-fail-percent: 5``   fail that share of the calls of ``x-mock-key``, evenly spread
+                             (at 5: its 20th, 40th, ... call; status as fail-first): a
+                             provider's ``headers:`` can set it to rehearse a bad canary
 ``x-mock-model: M``          report model M as the one that answered
 ``x-mock-usage: none``       leave usage out (streams: no usage chunk)
 ``x-mock-output-tokens: N``  the completion's output token count
+``x-mock-headers: {JSON}``   extra response headers on every answer, e.g.
+                             ``{"retry-after-ms": "1500"}`` or the provider rate-limit
+                             headers ``x-ratelimit-remaining-requests`` / ``-reset-*``
 ===========================  ==========================================================
 """
 
@@ -60,6 +74,8 @@ class MockProvider:
         self.by_status: Counter[int] = Counter()
         self.by_key: Counter[str] = Counter()
         self.tokens = {"input": 0, "output": 0}
+        self.streams = 0
+        self.cancelled = 0
         self.recent: deque[dict[str, Any]] = deque(maxlen=256)
 
     def app(self) -> web.Application:
@@ -68,6 +84,7 @@ class MockProvider:
         app.router.add_get("/mock/requests", self._requests)
         app.router.add_post("/mock/reset", self._reset)
         app.router.add_route("*", "/{tail:.*}", self._serve)
+        app.on_response_prepare.append(_extra_headers)
         return app
 
     async def _stats(self, request: web.Request) -> web.Response:
@@ -77,6 +94,8 @@ class MockProvider:
             "by_status": {str(k): v for k, v in self.by_status.items()},
             "by_key": dict(self.by_key),
             "tokens": self.tokens,
+            "streams": self.streams,
+            "cancelled": self.cancelled,
         })
 
     async def _requests(self, request: web.Request) -> web.Response:
@@ -93,20 +112,37 @@ class MockProvider:
         self.calls += 1
         self.by_path[request.path] += 1
         nth = self.by_key[key] = self.by_key[key] + 1
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         self.recent.append({
-            "method": request.method, "path": request.path, "query": request.query_string,
+            "method": request.method, "path": request.path, "raw_path": request.raw_path,
+            "query": request.query_string, "raw_query": request.rel_url.raw_query_string,
             "headers": dict(h), "body": body.decode("utf-8", "replace"),
+            "peer_port": peer[1] if peer else None,
         })
-        if "x-mock-delay" in h:
-            await asyncio.sleep(parse_duration(h["x-mock-delay"]))
-        if h.get("x-mock-drop") == "headers":
+        try:
+            plan = _Plan(h, nth)
+        except ValueError as exc:
+            return _json({"error": {"type": "mock_bad_header", "message": str(exc)}}, 400)
+        try:
+            return await self._answer(request, body, plan)
+        except asyncio.CancelledError:
+            if not plan.dropped:
+                self.cancelled += 1  # the client (the proxy) went away first
+            raise
+
+    async def _answer(self, request: web.Request, body: bytes, plan: _Plan) -> web.StreamResponse:
+        h = request.headers
+        if plan.delay_s:
+            await asyncio.sleep(plan.delay_s)
+        if plan.drop == "headers":
+            plan.dropped = True
             assert request.transport is not None
             request.transport.abort()
             raise asyncio.CancelledError
-        status = int(h.get("x-mock-status", "200"))
-        fail_first = int(h.get("x-mock-fail-first", "0"))
-        if fail_first:
-            status = (status if status >= 400 else 503) if nth <= fail_first else 200
+        status = plan.status
+        if 300 <= status < 400:
+            self.by_status[status] += 1
+            return web.Response(status=status, headers={"location": h.get("x-mock-location", "/")})
         if status >= 400:
             return self._error(status, h)
         self.by_status[200] += 1
@@ -116,7 +152,7 @@ class MockProvider:
         path = request.path
         if path.endswith("/chat/completions"):
             if isinstance(data, dict) and data.get("stream"):
-                return await self._chat_stream(request, data, len(body))
+                return await self._chat_stream(request, data, len(body), plan)
             return _json(self._chat(data, h, len(body)))
         if path.endswith("/messages"):
             return _json(self._anthropic(data, h, len(body)))
@@ -130,8 +166,10 @@ class MockProvider:
         if "x-mock-retry-after" in h:
             headers["retry-after"] = h["x-mock-retry-after"]
         code = h.get("x-mock-error-code", f"mock_{status}")
-        body = {"error": {"message": f"mock provider answered {status}", "type": "mock_error",
-                          "code": code}}
+        message = f"mock provider answered {status}"
+        if h.get("x-mock-echo-auth") == "true":
+            message += f" (credentials received: {h.get('authorization', '<none>')})"
+        body = {"error": {"message": message, "type": "mock_error", "code": code}}
         return web.Response(status=status, body=_dumps(body), content_type=_JSON, headers=headers)
 
     def _usage(self, h: Any, body_len: int, text: str) -> tuple[int, int]:
@@ -157,11 +195,11 @@ class MockProvider:
         return out
 
     async def _chat_stream(self, request: web.Request, data: dict[str, Any],
-                           body_len: int) -> web.StreamResponse:
+                           body_len: int, plan: _Plan) -> web.StreamResponse:
         h = request.headers
         model = h.get("x-mock-model") or _model(data)
-        n = int(h.get("x-mock-chunks", "5"))
-        gap = parse_duration(h["x-mock-chunk-delay"]) if "x-mock-chunk-delay" in h else 0.0
+        n, gap = plan.chunks, plan.chunk_delay_s
+        self.streams += 1
         resp = web.StreamResponse()
         resp.headers["content-type"] = "text/event-stream"
         resp.headers["cache-control"] = "no-cache"
@@ -173,7 +211,8 @@ class MockProvider:
             chunk = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
                      "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
             await resp.write(b"data: " + _dumps(chunk) + b"\n\n")
-            if h.get("x-mock-drop") == "mid-stream" and i == min(1, n - 1):
+            if plan.drop == "mid-stream" and i == min(1, n - 1):
+                plan.dropped = True
                 assert request.transport is not None
                 request.transport.abort()
                 return resp
@@ -217,12 +256,87 @@ class MockProvider:
         return out
 
 
+class _Plan:
+    """What the ``x-mock-*`` headers ask of one request (parsed up front: a bad value is a
+    400, not a crash half-way)."""
+
+    __slots__ = ("chunk_delay_s", "chunks", "delay_s", "drop", "dropped", "status")
+
+    def __init__(self, h: Any, nth: int) -> None:
+        self.delay_s = _duration(h, "x-mock-delay")
+        self.chunk_delay_s = _duration(h, "x-mock-chunk-delay")
+        self.chunks = _int(h, "x-mock-chunks", 5, 1)
+        self.drop = h.get("x-mock-drop")
+        if self.drop not in (None, "headers", "mid-stream"):
+            raise ValueError("x-mock-drop must be 'headers' or 'mid-stream'")
+        self.dropped = False
+        status = _int(h, "x-mock-status", 200, 200)
+        if status > 599:
+            raise ValueError("x-mock-status must be in [200, 599]")
+        fail_first = _int(h, "x-mock-fail-first", 0, 0)
+        if fail_first:
+            status = (status if status >= 400 else 503) if nth <= fail_first else 200
+        elif "x-mock-fail-percent" in h:
+            try:
+                pct = float(h["x-mock-fail-percent"])
+            except ValueError:
+                raise ValueError("x-mock-fail-percent must be a number") from None
+            if not 0 <= pct <= 100:
+                raise ValueError("x-mock-fail-percent must be in [0, 100]")
+            fails = (nth * pct) // 100 > ((nth - 1) * pct) // 100
+            status = (status if status >= 400 else 503) if fails else 200
+        self.status = status
+        for name in ("x-mock-confidence",):
+            if name in h:
+                try:
+                    float(h[name])
+                except ValueError:
+                    raise ValueError(f"{name} must be a number") from None
+        if "x-mock-output-tokens" in h:
+            _int(h, "x-mock-output-tokens", 0, 0)
+
+
+def _duration(h: Any, name: str) -> float:
+    if name not in h:
+        return 0.0
+    try:
+        return parse_duration(h[name])
+    except ValueError:
+        raise ValueError(f"{name} must be a duration like 250ms or 2s") from None
+
+
+def _int(h: Any, name: str, default: int, minimum: int) -> int:
+    if name not in h:
+        return default
+    try:
+        value = int(h[name])
+    except ValueError:
+        raise ValueError(f"{name} must be an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}")
+    return value
+
+
+async def _extra_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``x-mock-headers``: a JSON object of headers added to the answer (bad JSON: none)."""
+    raw = request.headers.get("x-mock-headers")
+    if not raw:
+        return
+    try:
+        extra = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(extra, dict):
+        for name, value in extra.items():
+            response.headers[str(name)] = str(value)
+
+
 def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
 
 
-def _json(obj: Any) -> web.Response:
-    return web.Response(body=_dumps(obj), content_type=_JSON)
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=_dumps(obj), content_type=_JSON)
 
 
 def _loads(body: bytes) -> Any:
@@ -241,7 +355,10 @@ def _model(data: Any) -> str:
 async def start_mock(host: str = "127.0.0.1", port: int = 0) -> tuple[MockProvider, web.AppRunner, str]:
     """Start a mock on ``host:port`` (0 = any free port); returns (mock, runner, base URL)."""
     mock = MockProvider()
-    runner = web.AppRunner(mock.app(), access_log=None, handle_signals=False)
+    # handler_cancellation: a client that goes away cancels the handler, as a real
+    # provider stops working for a caller that hung up (and ``cancelled`` counts it)
+    runner = web.AppRunner(mock.app(), access_log=None, handle_signals=False,
+                           handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

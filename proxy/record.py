@@ -1,4 +1,9 @@
-"""Attempt recording: every upstream attempt, whatever its end, in the call and metrics."""
+"""Attempt recording: every upstream attempt, whatever its end, in the call and metrics.
+
+The attempt's duration runs to its end (the whole body when buffered, the first chunk when
+streamed); ``t_upstream_first_byte`` is stamped by the upstream client itself when the
+response headers arrive (:mod:`proxy.upstream`), so it is the real first byte.
+"""
 
 from __future__ import annotations
 
@@ -42,8 +47,6 @@ class RecordAttempt:
             self._duration.observe(elapsed)
             result = status_class(status) if status is not None else (error or "error")
             self._attempts.labels(self._route, self._provider, self._tier_s, result).inc()
-            if "t_upstream_first_byte" not in call.timings:
-                call.timings["t_upstream_first_byte"] = (start - call.started + elapsed) * 1000
 
 
 def build_attempt(ctx: AttemptContext) -> RecordAttempt:

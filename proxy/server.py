@@ -24,6 +24,7 @@ from proxy.dataplane import DataPlane
 from proxy.loader import ConfigError, LoadedConfig, load_config
 from proxy.metrics import Metrics
 from proxy.mock import MockProvider, start_mock
+from proxy.protocol import DataServer
 from proxy.runtime import Runtime, build_runtime
 from proxy.state.backend import StateBackend
 
@@ -63,6 +64,10 @@ class ProxyServer:
         self.admin_url = ""
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: retired runtimes being closed (awaited on stop, never cancelled half-way)
+        self._closing: set[asyncio.Task[None]] = set()
+        #: the live runtime's background loops (registry kind ``task``)
+        self._runtime_tasks: list[asyncio.Task[Any]] = []
         self.dataplane: DataPlane | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -75,12 +80,14 @@ class ProxyServer:
         self.runtime = await build_runtime(self.loaded, self.deps, self.keeper, self._mock_url)
         self.deps.metrics.config_reloads.labels("ok").inc()
         self._publish_config_metrics()
+        self._start_tasks()
         self.dataplane = DataPlane(self)
         s = cfg.server
-        lowlevel = web.Server(
+        lowlevel = DataServer(
             self.dataplane, handler_cancellation=True, access_log=None,
             max_field_size=s.max_header_size, max_line_size=s.max_header_size,
-            keepalive_timeout=s.keepalive_timeout,
+            keepalive_timeout=s.keepalive_timeout, header_read_timeout=s.header_read_timeout,
+            on_header_timeout=self._header_timeout,
         )
         self._data_runner = web.ServerRunner(lowlevel, shutdown_timeout=s.drain_timeout)
         await self._data_runner.setup()
@@ -97,6 +104,9 @@ class ProxyServer:
         self.deps.log.info("started", listen=self.data_url, admin=self.admin_url,
                            config=self.loaded.path, routes=len(cfg.routes))
 
+    def _header_timeout(self, peer: Any) -> None:
+        self.deps.log.info("header_read_timeout", peer=str(peer[0]) if peer else None)
+
     async def stop(self) -> None:
         """Drain and close: in-flight requests get up to ``drain_timeout`` to finish."""
         self.deps.log.info("draining", in_flight=self.dataplane.in_flight if self.dataplane else 0)
@@ -107,6 +117,8 @@ class ProxyServer:
             await self._admin_runner.cleanup()
         if self.runtime is not None:
             await self.runtime.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await self.deps.state.close()
@@ -156,6 +168,7 @@ class ProxyServer:
                 self.close_retired(old)
             self.deps.metrics.config_reloads.labels("ok").inc()
             self._publish_config_metrics()
+            self._start_tasks()
             self.deps.log.info("config_reloaded", path=loaded.path, sha256=loaded.sha256)
             return []
 
@@ -165,11 +178,22 @@ class ProxyServer:
         return errors
 
     def close_retired(self, runtime: Runtime) -> None:
-        self.spawn(runtime.close())
+        """Close a replaced runtime's provider sessions (its last request has ended)."""
+        task = asyncio.get_running_loop().create_task(runtime.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _publish_config_metrics(self) -> None:
         for hook in self.runtime.registry.get("on_load", {}).values():
             hook()
+
+    def _start_tasks(self) -> None:
+        """Start the live runtime's background loops (registry kind ``task``: coroutine
+        functions, e.g. a canary's weight refresher); the replaced runtime's are cancelled."""
+        for task in self._runtime_tasks:
+            task.cancel()
+        self._runtime_tasks = [self.spawn(loop()) for loop in
+                               self.runtime.registry.get("task", {}).values()]
 
     async def _run_hooks(self, kind: str) -> None:
         if self.runtime is None:

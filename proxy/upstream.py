@@ -19,12 +19,9 @@ from proxy.config import ProviderConfig, TierConfig
 from proxy.errors import Timeout, UpstreamError
 from proxy.headers import HeaderRules, response_headers
 
-_RESET_ERRORS = (
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-    aiohttp.ClientPayloadError,
-    aiohttp.ClientResponseError,
-)
+#: the provider closed or broke the connection (anything the client library raises once the
+#: connection exists; connect failures are ``ClientConnectorError``, caught first)
+_RESET_ERRORS = (aiohttp.ClientError,)
 
 
 class ProviderClient:
@@ -42,7 +39,8 @@ class ProviderClient:
         self.name = name
         self.cfg = cfg
         self.base = URL(base_url)
-        self._base_path = self.base.raw_path.rstrip("/")
+        #: scheme://host[:port][/base] as configured; the request adds path and query only
+        self._prefix = base_url.rstrip("/")
         self.rules = HeaderRules(cfg.headers, clients_header)
         self._secrets = tuple(s.encode() for s in secrets)
         self._max_buffered = max_buffered
@@ -59,6 +57,8 @@ class ProviderClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=True,
             raise_for_status=False,
+            # the client's own User-Agent goes through; none is invented for it
+            skip_auto_headers=("User-Agent",),
         )
 
     async def close(self) -> None:
@@ -66,11 +66,17 @@ class ProviderClient:
             await self.session.close()
 
     def url(self, call: Call, tier: TierConfig) -> URL:
-        """Provider base + (tier path or request path) + request query; host from config only."""
+        """Provider base + (tier path or request path) + request query; host from config only.
+
+        The path and query are the request's raw (still percent-encoded) bytes, passed on
+        unchanged: ``a=b%26c`` stays one parameter. The path always starts with a single
+        ``/`` and has no dot segments (the data plane refuses those), so it can neither
+        name another host nor climb out of the provider's base path.
+        """
         path = tier.path or call.path
-        return self.base.with_path(self._base_path + path, encoded=True).with_query(
-            call.query
-        ) if call.query else self.base.with_path(self._base_path + path, encoded=True)
+        if call.query:
+            return URL(f"{self._prefix}{path}?{call.query}", encoded=True)
+        return URL(self._prefix + path, encoded=True)
 
     async def send(self, call: Call, tier: TierConfig, body: bytes) -> Reply:
         """One upstream attempt; the caller bounds it with the attempt timer."""
@@ -86,8 +92,11 @@ class ProviderClient:
                     call.method, self.url(call, tier), data=body or None, headers=headers,
                     allow_redirects=False, compress=None,
                 )
+            # the response headers are in: the real first byte of this attempt
+            call.timings["t_upstream_first_byte"] = (call.clock.monotonic() - call.started) * 1000
         except TimeoutError:
-            raise Timeout(timer, limit) from None
+            raise Timeout(timer, fb_s if timer == "first_byte" else call.arm.timeout.total) \
+                from None
         except aiohttp.ClientConnectorError:
             raise UpstreamError(f"cannot connect to provider '{self.name}'") from None
         except _RESET_ERRORS:
