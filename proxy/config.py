@@ -288,6 +288,8 @@ class RetryBudgetConfig(Model):
 
 
 DEFAULT_RETRY_ON: list[RetryCondition] = ["connect_error", "reset", "timeout", 429, 500, 502, 503, 504]
+#: the client's problem: never retried nor sent to another tier (see proxy.classify)
+NEVER_RETRIED_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
 
 
 class RetryConfig(Model):
@@ -297,6 +299,14 @@ class RetryConfig(Model):
     retry_after: RetryAfterConfig = RetryAfterConfig()
     budget: RetryBudgetConfig = RetryBudgetConfig()
     non_idempotent: bool = True
+
+    @field_validator("on")
+    @classmethod
+    def _not_client_errors(cls, v: list[RetryCondition]) -> list[RetryCondition]:
+        bad = sorted(c for c in v if isinstance(c, int) and c in NEVER_RETRIED_STATUSES)
+        if bad:
+            raise ValueError(f"{', '.join(map(str, bad))}: the client's errors are never retried")
+        return v
 
 
 class CacheKeyConfig(Model):
