@@ -1,9 +1,461 @@
-"""cache: not yet implemented."""
+"""Response cache (route level, between canary and budget): answered once, served many times.
+
+**Key** — sha256 over length-prefixed parts: method, route, path, raw query, the canary arm,
+the client identity (``call.client_id``, set when ``server.clients`` is), the listed
+request headers (absent and empty differ), and the body: JSON re-encoded with sorted keys
+and ``ignore_json_fields`` removed (a top-level name, or a dotted path into nested objects:
+``metadata.trace_id``; arrays are not descended), else the raw bytes. When a tier's provider
+is pass-through (configures no headers) the app's own credentials reach the provider, so a
+digest of them is part of the key: a request can never be answered with a reply that was
+paid for, or authorised, by another key.
+
+**Stored** — only a provider's reply with a listed status, without ``Set-Cookie`` or
+``Cache-Control: no-store``, not degraded (a ``fallback_response``, a reply that failed
+``accept``, a budget downgrade), with a body up to ``max_entry_size``; an SSE stream only
+once it completed (a broken or cut stream never is). Per-request headers are dropped
+(``x-request-id``, ``date``, ``x-rp-*``, ``x-ratelimit-*``...). A value that would contain a
+configured secret is never written.
+
+**Served** — ``x-rp-cache: bypass`` skips the cache both ways; ``refresh`` calls upstream and
+stores. A hit is ``Reply(source="cache")`` (cost 0, never reaches the budget stage), replayed
+as a stream when it was one, with an ``age`` header. ``call.cache_status`` becomes
+hit|miss|bypass|refresh; ``rp_cache_requests_total{route,result}`` counts those and
+``coalesced``; ``t_cache`` is the time spent deciding (lookup, and waiting for a leader).
+
+**Coalescing** — identical requests in flight in this process wait for one leader. Its
+answer is everyone's: a cacheable reply (a hit for the followers), any other reply or an
+upstream error (an outage is not multiplied by the number of waiting clients). When the
+leader's end says nothing about the upstream — its client went away, a budget refused it,
+its stream broke — one follower takes over and the others wait on it. With Redis, a lease
+(``SET NX PX``) makes one replica the leader while the others poll the cache, for at most
+half of their time left, then call upstream themselves.
+
+**Redis down** — fail open: a miss, within ``state.redis.timeout``, counted in
+``rp_state_errors_total{feature="cache"}``; readiness is unaffected.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import hashlib
+import os
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.call import Call, Handler, Reply, ReplyStream
+from proxy.config import CacheConfig, CacheKeyConfig
 from proxy.context import RouteContext
+from proxy.errors import BadRequest, BudgetExceeded, ClientAuthError, ProxyError, StateUnavailable, Timeout
+from proxy.headers import CREDENTIALS
+from proxy.state.backend import StateError
+from proxy.state.kv import KV, MemoryKV, RedisKV
+
+RESULTS = ("hit", "miss", "bypass", "refresh", "coalesced")
+_FORMAT = b"RPC1"
+_PER_REQUEST = frozenset({"x-request-id", "request-id", "date", "age", "set-cookie",
+                          "server-timing", "retry-after", "content-length"})
+_PER_REQUEST_PREFIXES = ("x-rp-", "x-ratelimit-")
+_DEGRADED = frozenset({"rejected", "downgrade", "budget", "exhausted"})
+_LEADER_SPECIFIC = (BudgetExceeded, StateUnavailable, BadRequest, ClientAuthError)
+_POLL_FIRST_S, _POLL_MAX_S = 0.01, 0.1
 
 
-def build_route(ctx: RouteContext) -> None:
-    return None
+# --------------------------------------------------------------------------- key
+
+
+def _part(h: Any, data: bytes) -> None:
+    h.update(len(data).to_bytes(8, "big"))
+    h.update(data)
+
+
+class CacheKey:
+    """Builds a request's cache key (hex sha256); compiled once per route."""
+
+    __slots__ = ("_body", "_credentials", "_headers", "_ignore", "_route")
+
+    def __init__(self, route: str, cfg: CacheKeyConfig, credentials: Iterable[str] = ()) -> None:
+        self._route = route.encode()
+        self._body = cfg.body
+        self._headers = tuple(cfg.headers)
+        self._ignore = tuple(tuple(p.split(".")) for p in cfg.ignore_json_fields)
+        self._credentials = tuple(sorted(credentials))
+
+    def __call__(self, call: Call) -> str:
+        h = hashlib.sha256(b"rp-cache-key-1")
+        for text in (call.method, call.path, call.query, call.arm.name, call.client_id or ""):
+            _part(h, text.encode())
+        _part(h, self._route)
+        for name in self._headers + self._credentials:
+            values = call.headers.getall(name, None)
+            _part(h, b"-" if values is None else b"+" + "\x00".join(values).encode())
+        if self._body:
+            data = call.json()
+            if data is None:
+                _part(h, b"raw:" + call.body)
+            else:
+                _part(h, b"json:" + normalised_json(data, self._ignore))
+        return h.hexdigest()
+
+
+def normalised_json(data: Any, ignore: tuple[tuple[str, ...], ...] = ()) -> bytes:
+    """``data`` encoded with sorted keys (at any depth) and the ``ignore`` paths removed."""
+    for path in ignore:
+        data = _without(data, path)
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+def _without(data: Any, path: tuple[str, ...]) -> Any:
+    """``data`` without the field at ``path``; copies only along the path (never mutates)."""
+    if not isinstance(data, dict) or path[0] not in data:
+        return data
+    out = dict(data)
+    if len(path) == 1:
+        del out[path[0]]
+    else:
+        out[path[0]] = _without(out[path[0]], path[1:])
+    return out
+
+
+# --------------------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored reply. Encoded as ``RPC1`` + 4-byte meta length + JSON meta + raw body."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes  # the buffered body, or the stream's chunks end to end
+    chunks: tuple[int, ...] | None  # chunk lengths when it was a stream
+    provider: str | None
+    model: str | None
+    stored_at: float  # unix seconds
+
+    @classmethod
+    def of(cls, reply: Reply, body: bytes, chunks: tuple[int, ...] | None, now: float) -> Entry:
+        headers = tuple((k, v) for k, v in reply.headers
+                        if k not in _PER_REQUEST and not k.startswith(_PER_REQUEST_PREFIXES))
+        return cls(reply.status, headers, body, chunks, reply.provider, reply.model, now)
+
+    def encode(self) -> bytes:
+        meta = orjson.dumps({"s": self.status, "h": self.headers, "c": self.chunks,
+                             "p": self.provider, "m": self.model, "t": self.stored_at})
+        return b"".join((_FORMAT, len(meta).to_bytes(4, "big"), meta, self.body))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Entry | None:
+        """The entry, or None for bytes this version cannot read (treated as a miss)."""
+        if not data.startswith(_FORMAT) or len(data) < 8:
+            return None
+        end = 8 + int.from_bytes(data[4:8], "big")
+        try:
+            m = orjson.loads(data[8:end])
+            chunks = None if m["c"] is None else tuple(int(n) for n in m["c"])
+            return cls(int(m["s"]), tuple((str(k), str(v)) for k, v in m["h"]), data[end:],
+                       chunks, m["p"], m["m"], float(m["t"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    def reply(self, now: float, *, cached: bool = True) -> Reply:
+        """A fresh Reply: a hit (``source="cache"``) or a coalesced copy of a leader's answer."""
+        headers = list(self.headers)
+        if cached:
+            headers.append(("age", str(max(0, int(now - self.stored_at)))))
+        source = "cache" if cached else "provider"
+        if self.chunks is None:
+            return Reply(self.status, headers, body=self.body, provider=self.provider,
+                         model=self.model, cost_usd=0.0, source=source)
+        parts, at = [], 0
+        for n in self.chunks:
+            parts.append(self.body[at:at + n])
+            at += n
+        stream = ReplyStream(parts[0], _replay(parts[1:]))
+        return Reply(self.status, headers, stream=stream, provider=self.provider,
+                     model=self.model, cost_usd=0.0, source=source)
+
+
+async def _replay(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+# --------------------------------------------------------------------------- coalescing
+
+
+class Signal(enum.Enum):
+    HANDOVER = "handover"  # the leader's end says nothing: one follower takes over
+    ALONE = "alone"  # an answer that cannot be shared (a non-cacheable stream): go alone
+    DEFERRED = "deferred"  # (leader only) a stream will settle the flight when it ends
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """A leader's answer for its followers; ``cached``: served to them as a hit."""
+
+    entry: Entry
+    cached: bool
+
+
+Outcome = Shared | ProxyError | Signal
+
+
+class Flight:
+    __slots__ = ("deadline", "future", "lease")
+
+    def __init__(self, deadline: float) -> None:
+        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.deadline = deadline  # the leader's: a flight never outlives its request
+        self.lease: bytes | None = None  # our token while this replica holds the Redis lease
+
+
+class CacheStore:
+    """The process's cache state, kept across reloads: the KV and the flights in progress."""
+
+    def __init__(self, kv: KV, leases: bool) -> None:
+        self.kv = kv
+        self.leases = leases
+        self.flights: dict[str, Flight] = {}
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class Cache:
+    def __init__(self, ctx: RouteContext, cfg: CacheConfig, store: CacheStore,
+                 key: CacheKey) -> None:
+        self._key = key
+        self._store = store
+        self._kv = store.kv
+        self._flights = store.flights
+        self._clock = ctx.deps.clock
+        self._log = ctx.deps.log
+        self._ttl_s = cfg.ttl
+        self._statuses = frozenset(cfg.statuses)
+        self._max_entry = cfg.max_entry_size
+        self._coalesce = cfg.coalesce
+        self._secrets = tuple(s.encode() for s in ctx.loaded.secrets if s)
+        counter = ctx.deps.metrics.cache_requests
+        self._results = {r: counter.labels(ctx.route.name, r) for r in RESULTS}
+
+    async def __call__(self, call: Call, next_: Handler) -> Reply:
+        mode = call.headers.get("x-rp-cache", "").strip().lower()
+        started = self._clock.monotonic()
+        if mode == "bypass":
+            self._decided(call, "bypass", "bypass", started)
+            return await next_(call)
+        key = self._key(call)
+        if mode == "refresh":
+            self._decided(call, "refresh", "refresh", started)
+            return (await self._keep(call, key, await next_(call), None))[0]
+        while True:
+            flight = self._flights.get(key) if self._coalesce else None
+            if flight is None:
+                entry = await self._lookup(key)
+                if entry is not None:
+                    self._decided(call, "hit", "hit", started)
+                    return entry.reply(self._clock.time())
+                flight = self._flights.get(key) if self._coalesce else None
+                if flight is None:
+                    return await self._lead(call, next_, key, started)
+            outcome = await self._follow(call, key, flight)
+            if outcome is Signal.HANDOVER:
+                continue
+            if isinstance(outcome, Signal):  # ALONE (DEFERRED never reaches a follower)
+                self._decided(call, "miss", "miss", started)
+                return (await self._keep(call, key, await next_(call), None))[0]
+            return self._shared(call, outcome, started)
+
+    def _decided(self, call: Call, status: str, result: str, started: float) -> None:
+        call.cache_status = status
+        call.timings["t_cache"] = (self._clock.monotonic() - started) * 1000
+        self._results[result].inc()
+
+    async def _lookup(self, key: str) -> Entry | None:
+        try:
+            data = await self._kv.get(key)
+        except StateError:
+            return None  # fail open: counted and logged by the backend
+        return None if data is None else Entry.decode(data)
+
+    async def _lead(self, call: Call, next_: Handler, key: str, started: float) -> Reply:
+        flight = self._flights[key] = Flight(call.deadline)
+        outcome: Outcome = Signal.HANDOVER
+        try:
+            if self._store.leases:
+                entry = await self._lease(call, key, flight)
+                if entry is not None:
+                    outcome = Shared(entry, True)
+                    self._decided(call, "hit", "hit", started)
+                    return entry.reply(self._clock.time())
+            self._decided(call, "miss", "miss", started)
+            reply, outcome = await self._keep(call, key, await next_(call), flight)
+            return reply
+        except ProxyError as exc:
+            if not isinstance(exc, _LEADER_SPECIFIC):
+                outcome = exc
+            raise
+        finally:
+            if outcome is not Signal.DEFERRED:
+                await self._settle(key, flight, outcome)
+
+    async def _lease(self, call: Call, key: str, flight: Flight) -> Entry | None:
+        """Across replicas: take the lease (None: we lead) or find the leader's entry."""
+        token = os.urandom(8).hex().encode()
+        give_up_at = self._clock.monotonic() + call.time_left() / 2
+        wait_s = _POLL_FIRST_S
+        while True:
+            try:
+                if await self._kv.set_if_absent(key + ":lease", token, call.time_left()):
+                    flight.lease = token
+                    return None
+            except StateError:
+                return None
+            if self._clock.monotonic() + wait_s > give_up_at:
+                return None
+            await self._clock.sleep(wait_s)
+            wait_s = min(wait_s * 2, _POLL_MAX_S)
+            entry = await self._lookup(key)
+            if entry is not None:
+                return entry
+
+    async def _settle(self, key: str, flight: Flight, outcome: Outcome) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not flight.future.done():
+            flight.future.set_result(outcome)
+        if flight.lease is not None:
+            try:
+                await self._kv.delete_if_equals(key + ":lease", flight.lease)
+            except StateError:
+                pass  # it expires with the leader's deadline
+
+    async def _keep(self, call: Call, key: str, reply: Reply,
+                    flight: Flight | None) -> tuple[Reply, Outcome]:
+        """Store ``reply`` when it may be (a stream: once it completes); what followers get."""
+        if not self._storable(call, reply):
+            if reply.stream is not None:
+                return reply, Signal.ALONE
+            if call.downgrade or (reply.fallback_reason or call.fallback_reason) == "budget":
+                return reply, Signal.HANDOVER
+            return reply, Shared(Entry.of(reply, reply.body or b"", None, self._clock.time()),
+                                 False)
+        if reply.stream is not None:
+            recorder = _Recorder(self, key, reply, flight)
+            reply.stream.observers.append(recorder.observe)
+            reply.stream.on_close.append(recorder.close)
+            return reply, Signal.DEFERRED
+        entry = Entry.of(reply, reply.body or b"", None, self._clock.time())
+        await self._put(key, entry)
+        return reply, Shared(entry, True)
+
+    def _storable(self, call: Call, reply: Reply) -> bool:
+        if reply.status not in self._statuses or reply.source != "provider":
+            return False
+        if call.downgrade or reply.fallback_reason in _DEGRADED:
+            return False
+        for name, value in reply.headers:
+            if name == "set-cookie" or (name == "cache-control" and "no-store" in value.lower()):
+                return False
+        if reply.stream is not None:
+            return (reply.header("content-type") or "").startswith("text/event-stream")
+        return reply.body is not None and len(reply.body) <= self._max_entry
+
+    async def _put(self, key: str, entry: Entry) -> None:
+        data = entry.encode()
+        if any(secret in data for secret in self._secrets):
+            self._log.warning("cache_store_refused", reason="reply contains a configured secret")
+            return
+        try:
+            await self._kv.set(key, data, self._ttl_s)
+        except StateError:
+            pass  # fail open: counted and logged by the backend
+
+    async def _follow(self, call: Call, key: str, flight: Flight) -> Outcome:
+        """Wait for the leader within the follower's deadline (never cancelling the flight).
+
+        A flight still unsettled past its leader's deadline (its reply was never relayed)
+        is dropped and handed over, so a key can never stay stuck behind a dead leader."""
+        now = self._clock.monotonic()
+        wait_s = min(call.deadline, flight.deadline + _POLL_MAX_S) - now
+        if wait_s > 0:
+            await asyncio.wait([flight.future], timeout=wait_s)
+        if flight.future.done():
+            return flight.future.result()
+        if call.time_left() <= 0:
+            raise Timeout("total", call.arm.timeout.total)
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        return Signal.HANDOVER
+
+    def _shared(self, call: Call, outcome: Shared | ProxyError, started: float) -> Reply:
+        if isinstance(outcome, ProxyError):
+            self._decided(call, "miss", "coalesced", started)
+            raise _clone(outcome)
+        self._decided(call, "hit" if outcome.cached else "miss", "coalesced", started)
+        return outcome.entry.reply(self._clock.time(), cached=outcome.cached)
+
+
+def _clone(exc: ProxyError) -> ProxyError:
+    """A follower's own copy of the leader's error (one exception object per request)."""
+    clone = type(exc).__new__(type(exc), *exc.args)
+    clone.__dict__.update(exc.__dict__)
+    return clone
+
+
+class _Recorder:
+    """Records a streamed reply's chunks; stores it and settles the flight when it ends."""
+
+    __slots__ = ("_cache", "_flight", "_key", "_parts", "_reply", "_size")
+
+    def __init__(self, cache: Cache, key: str, reply: Reply, flight: Flight | None) -> None:
+        self._cache = cache
+        self._key = key
+        self._reply = reply
+        self._flight = flight
+        self._parts: list[bytes] | None = []  # None once over max_entry_size
+        self._size = 0
+
+    def observe(self, chunk: bytes) -> None:
+        if self._parts is None:
+            return
+        self._size += len(chunk)
+        if self._size > self._cache._max_entry:
+            self._parts = None
+        else:
+            self._parts.append(chunk)
+
+    async def close(self, completed: bool) -> None:
+        cache, parts = self._cache, self._parts
+        outcome: Outcome = Signal.HANDOVER if not completed else Signal.ALONE
+        try:
+            if completed and parts:
+                entry = Entry.of(self._reply, b"".join(parts), tuple(len(p) for p in parts),
+                                 cache._clock.time())
+                await cache._put(self._key, entry)
+                outcome = Shared(entry, True)
+        finally:
+            if self._flight is not None:
+                await cache._settle(self._key, self._flight, outcome)
+
+
+def build_route(ctx: RouteContext) -> Cache | None:
+    cfg = ctx.route.cache
+    if cfg is None:
+        return None
+    state = ctx.deps.state
+    config = ctx.config
+    if state.kind == "redis":
+        store = ctx.keeper.keep("cache_store", "redis", None,
+                                lambda: CacheStore(RedisKV(state, "cache", "cache"), True))
+    else:
+        max_bytes = config.state.memory.max_size
+        store = ctx.keeper.keep("cache_store", "memory", max_bytes, lambda: CacheStore(
+            MemoryKV(ctx.deps.clock, max_bytes), False))
+    passthrough = any(not config.providers[t.provider].headers
+                      for arm in ctx.arms.values() for t in arm.spec.tiers)
+    key = CacheKey(ctx.route.name, cfg.key, CREDENTIALS if passthrough else ())
+    return Cache(ctx, cfg, store, key)

@@ -312,6 +312,7 @@ class RetryConfig(Model):
 class CacheKeyConfig(Model):
     body: bool = True
     headers: list[str] = []
+    #: top-level JSON fields, or dotted paths into nested objects ("metadata.trace_id")
     ignore_json_fields: list[str] = []
 
     @field_validator("headers")
@@ -319,13 +320,21 @@ class CacheKeyConfig(Model):
     def _lower(cls, v: list[str]) -> list[str]:
         return [h.lower() for h in v]
 
+    @field_validator("ignore_json_fields")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for path in v:
+            if not path or "" in path.split("."):
+                raise ValueError(f"'{path}' is not a field name or a dotted path (a.b.c)")
+        return v
+
 
 class CacheConfig(Model):
-    ttl: Duration
+    ttl: Duration = Field(gt=0)
     key: CacheKeyConfig = CacheKeyConfig()
-    statuses: list[int] = [200]
+    statuses: list[Annotated[int, Field(ge=100, le=599)]] = [200]
     coalesce: bool = True
-    max_entry_size: Size = 2 * 1024**2
+    max_entry_size: Size = Field(default=2 * 1024**2, ge=1)
 
 
 class ValidateConfig(Model):
