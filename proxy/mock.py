@@ -9,7 +9,8 @@ Endpoints:
   Gemini-shaped (``usageMetadata``).
 - ``POST /v1/generic`` and any other path: generic JSON with a ``confidence`` field.
 - ``GET /mock/stats``, ``GET /mock/requests`` (the last 256 requests as received: method,
-  path, query, headers, body), ``POST /mock/reset``.
+  path, raw path and query, lower-cased headers, body, the caller's source port),
+  ``POST /mock/reset``.
 
 ``/mock/stats`` counts ``calls``, ``by_path``, ``by_status``, ``by_key``, ``tokens``,
 ``streams`` (SSE replies started) and ``cancelled`` (requests whose client went away before
@@ -37,7 +38,8 @@ Per-request headers:
                              ``x-mock-status``, default 503), then answer normally
 ``x-mock-fail-percent: 5``   fail that share of the calls of ``x-mock-key``, evenly spread
                              (at 5: its 20th, 40th, ... call; status as fail-first): a
-                             provider's ``headers:`` can set it to rehearse a bad canary
+                             provider's ``headers:`` can set it to rehearse a bad canary;
+                             ``MockProvider.fail_percent`` sets it for every call
 ``x-mock-model: M``          report model M as the one that answered
 ``x-mock-usage: none``       leave usage out (streams: no usage chunk)
 ``x-mock-output-tokens: N``  the completion's output token count
@@ -66,6 +68,8 @@ class MockProvider:
     """The mock's state (counters, recent requests) and its aiohttp app."""
 
     def __init__(self) -> None:
+        #: the x-mock-fail-percent of calls that do not send one (a test or demo sets it)
+        self.fail_percent = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -116,11 +120,12 @@ class MockProvider:
         self.recent.append({
             "method": request.method, "path": request.path, "raw_path": request.raw_path,
             "query": request.query_string, "raw_query": request.rel_url.raw_query_string,
-            "headers": dict(h), "body": body.decode("utf-8", "replace"),
+            "headers": {k.lower(): v for k, v in h.items()},
+            "body": body.decode("utf-8", "replace"),
             "peer_port": peer[1] if peer else None,
         })
         try:
-            plan = _Plan(h, nth)
+            plan = _Plan(h, nth, self.fail_percent)
         except ValueError as exc:
             return _json({"error": {"type": "mock_bad_header", "message": str(exc)}}, 400)
         try:
@@ -262,7 +267,7 @@ class _Plan:
 
     __slots__ = ("chunk_delay_s", "chunks", "delay_s", "drop", "dropped", "status")
 
-    def __init__(self, h: Any, nth: int) -> None:
+    def __init__(self, h: Any, nth: int, fail_percent: float = 0.0) -> None:
         self.delay_s = _duration(h, "x-mock-delay")
         self.chunk_delay_s = _duration(h, "x-mock-chunk-delay")
         self.chunks = _int(h, "x-mock-chunks", 5, 1)
@@ -276,9 +281,9 @@ class _Plan:
         fail_first = _int(h, "x-mock-fail-first", 0, 0)
         if fail_first:
             status = (status if status >= 400 else 503) if nth <= fail_first else 200
-        elif "x-mock-fail-percent" in h:
+        elif "x-mock-fail-percent" in h or fail_percent:
             try:
-                pct = float(h["x-mock-fail-percent"])
+                pct = float(h.get("x-mock-fail-percent", fail_percent))
             except ValueError:
                 raise ValueError("x-mock-fail-percent must be a number") from None
             if not 0 <= pct <= 100:
