@@ -4,6 +4,11 @@
 ``/admin/`` needs ``Authorization: Bearer <admin_token>`` when a token is configured.
 Mutations are POST only (a GET answers 405).
 
+``GET /admin/`` is the live status page (``proxy/static/status.html``): a static page with no
+data in it, served without the token so that a browser can open it; it asks for the token,
+keeps it in the tab's sessionStorage and sends it as the Bearer header on every read of
+``/admin/status``, so every number it shows is still behind the token.
+
 Policies expose what the admin plane acts on through the runtime's registry:
 
 - ``circuit[provider]``: ``state_name() -> "closed"|"open"|"half_open"``, ``reset()``
@@ -14,9 +19,13 @@ Policies expose what the admin plane acts on through the runtime's registry:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -40,12 +49,40 @@ def _error(status: int, type_: str, message: str, **extra: Any) -> web.Response:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+STATUS_PAGE_PATH = "/admin/"
+STATUS_PAGE_FILE = Path(__file__).with_name("static") / "status.html"
+
+
+def _status_page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The status page, read once; its CSP allows only its own inline script and style
+    (by hash) and fetches to this origin: no external asset can load."""
+    html = STATUS_PAGE_FILE.read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
+                        for m in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S))
+
+    headers = {
+        "content-security-policy": f"default-src 'none'; script-src {hashes('script')}; "
+        f"style-src {hashes('style')}; connect-src 'self'; img-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        "cache-control": "no-store", "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer", "x-frame-options": "DENY",
+    }
+    body = html.encode()
+
+    async def status_page(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/html", charset="utf-8",
+                            headers=headers)
+
+    return status_page
+
 
 def admin_app(server: ProxyServer) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         token = server.loaded.config.server.admin_token
-        if token and request.path.startswith("/admin"):
+        if token and request.path.startswith("/admin") and request.path != STATUS_PAGE_PATH:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return _error(401, "unauthorized", "admin token required")
@@ -65,6 +102,7 @@ def admin_app(server: ProxyServer) -> web.Application:
     app.router.add_get("/healthz", h.healthz)
     app.router.add_get("/readyz", h.readyz)
     app.router.add_get("/metrics", h.metrics)
+    app.router.add_get(STATUS_PAGE_PATH, _status_page_handler())
     app.router.add_get("/admin/status", h.status)
     app.router.add_post("/admin/reload", h.reload)
     app.router.add_post("/admin/canary/{route}", h.canary_weight)
