@@ -1,0 +1,426 @@
+"""The budget ledger: windowed spend counters with atomic check-and-reserve, settle, refund.
+
+One *counter* is (budget, key, calendar window). It holds, in integer nano-USD (1e-9 USD,
+so sums are exact and Lua's doubles stay exact up to $9M) and requests:
+
+- ``spend`` / ``requests``: what settled calls used;
+- ``reserved`` / ``reserved_requests``: estimates of the calls in flight;
+- flags: thresholds already announced this window (fleet-wide "once per window").
+
+Operations (each one atomic: one Lua script on Redis, one synchronous step in memory):
+
+- :meth:`Ledger.reserve`: admit a call iff ``spend < cap`` and
+  ``spend + reserved + estimate <= cap`` (and ``requests + reserved_requests + 1 <=
+  cap_requests``), then hold its estimate. Concurrent reservations see each other, so N
+  replicas together overshoot a cap only by what in-flight calls cost beyond their estimates.
+  A refusal sets the refusal flag (the ``block`` threshold) once per window.
+- :meth:`Ledger.settle`: release the hold and add the actual cost (and the request when it
+  counts); thresholds reached by the new totals set their flag, and the ones this call set
+  first are returned (exactly one caller in the fleet sees each crossing).
+- :meth:`Ledger.refund`: release the hold, add nothing.
+- :meth:`Ledger.read`: the totals, with the flags set this window (the other operations
+  answer totals without flags).
+
+A hold expires at ``hold_until`` (the request's deadline plus a margin): a replica that dies
+with calls in flight cannot shrink the room for the rest of the window. A settle that arrives
+after its hold expired still adds its cost, without releasing the hold twice.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from zoneinfo import ZoneInfo
+
+if TYPE_CHECKING:
+    from proxy.state.backend import StateBackend
+
+NANO_PER_USD = 1_000_000_000
+#: counters outlive their window by this much (late settlements, the status of yesterday)
+COUNTER_GRACE_S = 2 * 86400.0
+
+
+def usd_to_nano(usd: float) -> int:
+    return round(usd * NANO_PER_USD)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A calendar window ``[start, end)`` in unix seconds; ``id`` names it in keys."""
+
+    id: str
+    start: float
+    end: float
+
+
+def calendar_window(kind: Literal["day", "month"], tz: ZoneInfo, now: float) -> Window:
+    """The calendar day or month containing ``now`` in ``tz`` (DST-aware: a day may be 23 h)."""
+    local = datetime.fromtimestamp(now, tz)
+    if kind == "day":
+        start = datetime(local.year, local.month, local.day, tzinfo=tz)
+        nxt = start.date() + timedelta(days=1)
+        end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz)
+        wid = f"d{start:%Y%m%d}"
+    else:
+        start = datetime(local.year, local.month, 1, tzinfo=tz)
+        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        end = datetime(year, month, 1, tzinfo=tz)
+        wid = f"m{start:%Y%m}"
+    return Window(wid, start.timestamp(), end.timestamp())
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRef:
+    """Which counter: ``tag`` (budget and key, a Redis hash tag) and ``window`` id."""
+
+    tag: str
+    window: str
+    #: unix time after which the counter may be dropped (window end + grace)
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A budget's admission rules in ledger units, computed once per config load.
+
+    ``None`` disables a rule. ``thresholds`` are ``(flag, spend_nano_at, requests_at)``.
+    """
+
+    cap_nano: int | None = None
+    cap_requests: int | None = None
+    degrade_nano: int | None = None
+    degrade_requests: int | None = None
+    refuse_flag: str | None = None
+    thresholds: tuple[tuple[str, int | None, int | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    spend_nano: int = 0
+    reserved_nano: int = 0
+    requests: int = 0
+    reserved_requests: int = 0
+    flags: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    counter: CounterRef
+    member: str  # "<id>:<estimate_nano>"
+    estimate_nano: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    admitted: bool
+    #: the counter was at or past a degrade point: the degraded estimate was used
+    degraded: bool
+    reservation: Reservation | None
+    totals: Totals
+    #: flags this call set first (the refusal flag, when it refused)
+    new_flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    totals: Totals
+    new_flags: tuple[str, ...] = ()
+
+
+class Ledger(Protocol):
+    async def reserve(self, counter: CounterRef, limits: Limits, estimate_nano: int,
+                      degraded_estimate_nano: int, now: float,
+                      hold_until: float) -> ReserveResult: ...
+
+    async def settle(self, reservation: Reservation, cost_nano: int, counted: bool,
+                     limits: Limits, now: float) -> SettleResult: ...
+
+    async def refund(self, reservation: Reservation, now: float) -> Totals: ...
+
+    async def read(self, counter: CounterRef) -> Totals: ...
+
+
+def _member(estimate_nano: int) -> str:
+    return f"{os.urandom(8).hex()}:{estimate_nano}"
+
+
+def _admits(limits: Limits, spend: int, reserved: int, requests: int, reserved_requests: int,
+            estimate: int) -> bool:
+    if limits.cap_nano is not None and (
+            spend >= limits.cap_nano or spend + reserved + estimate > limits.cap_nano):
+        return False
+    return limits.cap_requests is None or requests + reserved_requests + 1 <= limits.cap_requests
+
+
+def _degraded(limits: Limits, spend: int, requests: int) -> bool:
+    return ((limits.degrade_nano is not None and spend >= limits.degrade_nano)
+            or (limits.degrade_requests is not None and requests >= limits.degrade_requests))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@dataclass
+class _Counter:
+    expires_at: float
+    spend: int = 0
+    reserved: int = 0
+    requests: int = 0
+    reserved_requests: int = 0
+    flags: set[str] = field(default_factory=set)
+    holds: dict[str, int] = field(default_factory=dict)  # member -> estimate
+    expiry: list[tuple[float, str]] = field(default_factory=list)  # heap (hold_until, member)
+
+    def totals(self, flags: bool = False) -> Totals:
+        return Totals(self.spend, self.reserved, self.requests, self.reserved_requests,
+                      frozenset(self.flags) if flags else frozenset())
+
+    def release(self, member: str) -> bool:
+        estimate = self.holds.pop(member, None)
+        if estimate is None:
+            return False
+        self.reserved -= estimate
+        self.reserved_requests -= 1
+        return True
+
+    def purge(self, now: float) -> None:
+        while self.expiry and self.expiry[0][0] <= now:
+            self.release(heapq.heappop(self.expiry)[1])
+
+
+class MemoryLedger:
+    """One process's ledger (``state.backend: memory``). Each operation runs without an
+    ``await`` in its body, so it is atomic on the event loop."""
+
+    _SWEEP_EVERY_S = 600.0
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str], _Counter] = {}
+        self._next_sweep = 0.0
+
+    def _counter(self, ref: CounterRef, now: float) -> _Counter:
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._SWEEP_EVERY_S
+            for k in [k for k, c in self._counters.items() if c.expires_at <= now]:
+                del self._counters[k]
+        c = self._counters.get((ref.tag, ref.window))
+        if c is None:
+            c = self._counters[(ref.tag, ref.window)] = _Counter(ref.expires_at)
+        return c
+
+    async def reserve(self, counter: CounterRef, limits: Limits, estimate_nano: int,
+                      degraded_estimate_nano: int, now: float,
+                      hold_until: float) -> ReserveResult:
+        c = self._counter(counter, now)
+        c.purge(now)
+        degraded = _degraded(limits, c.spend, c.requests)
+        estimate = degraded_estimate_nano if degraded else estimate_nano
+        if not _admits(limits, c.spend, c.reserved, c.requests, c.reserved_requests, estimate):
+            new: tuple[str, ...] = ()
+            if limits.refuse_flag is not None and limits.refuse_flag not in c.flags:
+                c.flags.add(limits.refuse_flag)
+                new = (limits.refuse_flag,)
+            return ReserveResult(False, degraded, None, c.totals(), new)
+        member = _member(estimate)
+        c.holds[member] = estimate
+        heapq.heappush(c.expiry, (hold_until, member))
+        c.reserved += estimate
+        c.reserved_requests += 1
+        return ReserveResult(True, degraded, Reservation(counter, member, estimate), c.totals())
+
+    async def settle(self, reservation: Reservation, cost_nano: int, counted: bool,
+                     limits: Limits, now: float) -> SettleResult:
+        c = self._counter(reservation.counter, now)
+        c.release(reservation.member)
+        c.spend += cost_nano
+        c.requests += 1 if counted else 0
+        new = []
+        for flag, spend_at, requests_at in limits.thresholds:
+            reached = ((spend_at is not None and c.spend >= spend_at)
+                       or (requests_at is not None and c.requests >= requests_at))
+            if reached and flag not in c.flags:
+                c.flags.add(flag)
+                new.append(flag)
+        return SettleResult(c.totals(), tuple(new))
+
+    async def refund(self, reservation: Reservation, now: float) -> Totals:
+        c = self._counter(reservation.counter, now)
+        c.release(reservation.member)
+        return c.totals()
+
+    async def read(self, counter: CounterRef) -> Totals:
+        c = self._counters.get((counter.tag, counter.window))
+        return Totals() if c is None else c.totals(flags=True)
+
+
+# --------------------------------------------------------------------------- redis
+
+# KEYS[1] the counter hash, KEYS[2] the holds zset (member "<id>:<estimate>", score hold_until).
+# Increments always use the decimal strings received (never a Lua number formatted back,
+# which Lua 5.1 would print as 1e+15 past 14 digits).
+_NEG = """
+local function neg(s) if s == '0' then return s end return '-' .. s end
+"""
+_PURGE = _NEG + """
+local function purge(h, z, now)
+  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  for _, m in ipairs(expired) do
+    redis.call('HINCRBY', h, 'reserved', neg(string.match(m, ':(%d+)$')))
+    redis.call('HINCRBY', h, 'rreq', -1)
+  end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
+end
+local function totals(h)
+  local v = redis.call('HMGET', h, 'spend', 'reserved', 'req', 'rreq')
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
+end
+"""
+
+# ARGV: now, estimate, degraded_estimate, degrade_nano, degrade_req, cap_nano, cap_req,
+#       refuse_flag, member_id, hold_until, ttl_s   (-1 / '' = unset)
+_RESERVE = _PURGE + """
+local h, z = KEYS[1], KEYS[2]
+purge(h, z, ARGV[1])
+local spend, reserved, req, rreq = totals(h)
+local dn, dr = tonumber(ARGV[4]), tonumber(ARGV[5])
+local degraded = (dn >= 0 and spend >= dn) or (dr >= 0 and req >= dr)
+local est = degraded and ARGV[3] or ARGV[2]
+local cap, capr = tonumber(ARGV[6]), tonumber(ARGV[7])
+local ok = true
+if cap >= 0 and (spend >= cap or spend + reserved + tonumber(est) > cap) then ok = false end
+if capr >= 0 and req + rreq + 1 > capr then ok = false end
+local fired = 0
+if ok then
+  reserved = redis.call('HINCRBY', h, 'reserved', est)
+  rreq = redis.call('HINCRBY', h, 'rreq', 1)
+  redis.call('ZADD', z, ARGV[10], ARGV[9] .. ':' .. est)
+  redis.call('EXPIRE', z, ARGV[11])
+elseif ARGV[8] ~= '' then
+  fired = redis.call('HSETNX', h, 'f:' .. ARGV[8], 1)
+end
+redis.call('EXPIRE', h, ARGV[11])
+return {ok and 1 or 0, degraded and 1 or 0, tonumber(est), spend, reserved, req, rreq, fired}
+"""
+
+# ARGV: member, estimate, cost, counted (0|1), ttl_s, then (flag, spend_at, req_at)*
+_SETTLE = _NEG + """
+local h, z = KEYS[1], KEYS[2]
+if redis.call('ZREM', z, ARGV[1]) == 1 then
+  redis.call('HINCRBY', h, 'reserved', neg(ARGV[2]))
+  redis.call('HINCRBY', h, 'rreq', -1)
+end
+local spend = redis.call('HINCRBY', h, 'spend', ARGV[3])
+local req = redis.call('HINCRBY', h, 'req', ARGV[4])
+redis.call('EXPIRE', h, ARGV[5])
+local v = redis.call('HMGET', h, 'reserved', 'rreq')
+local out = {spend, tonumber(v[1]) or 0, req, tonumber(v[2]) or 0}
+for i = 6, #ARGV, 3 do
+  local sa, ra = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  if (sa >= 0 and spend >= sa) or (ra >= 0 and req >= ra) then
+    if redis.call('HSETNX', h, 'f:' .. ARGV[i], 1) == 1 then table.insert(out, ARGV[i]) end
+  end
+end
+return out
+"""
+
+# ARGV: member, estimate
+_REFUND = _PURGE + """
+local h, z = KEYS[1], KEYS[2]
+if redis.call('ZREM', z, ARGV[1]) == 1 then
+  redis.call('HINCRBY', h, 'reserved', neg(ARGV[2]))
+  redis.call('HINCRBY', h, 'rreq', -1)
+end
+local spend, reserved, req, rreq = totals(h)
+return {spend, reserved, req, rreq}
+"""
+
+_READ = "return redis.call('HGETALL', KEYS[1])"
+
+
+def _opt(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _ttl(counter: CounterRef, now: float) -> int:
+    """Seconds the keys live: relative to the caller's clock (Redis's own may differ)."""
+    return max(1, math.ceil(counter.expires_at - now))
+
+
+class RedisLedger:
+    """The fleet's ledger (``state.backend: redis``): one Lua script per operation, both
+    keys of a counter under one hash tag, keys expiring ``COUNTER_GRACE_S`` after the
+    window. Every call goes through :meth:`StateBackend.call` (bounded by
+    ``state.redis.timeout``; raises :class:`~proxy.state.backend.StateError`)."""
+
+    FEATURE = "budget"
+
+    def __init__(self, state: StateBackend) -> None:
+        assert state.redis is not None
+        self._state = state
+        r = state.redis
+        self._reserve = r.register_script(_RESERVE)
+        self._settle = r.register_script(_SETTLE)
+        self._refund = r.register_script(_REFUND)
+        self._read = r.register_script(_READ)
+
+    def _keys(self, ref: CounterRef) -> list[str]:
+        h = self._state.key(ref.tag, "w", ref.window)
+        return [h, h + ":holds"]
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        return await self._state.call(self.FEATURE, lambda: script(keys=keys, args=args))
+
+    async def reserve(self, counter: CounterRef, limits: Limits, estimate_nano: int,
+                      degraded_estimate_nano: int, now: float,
+                      hold_until: float) -> ReserveResult:
+        member_id = os.urandom(8).hex()
+        out = await self._run(self._reserve, self._keys(counter), [
+            repr(now), estimate_nano, degraded_estimate_nano, _opt(limits.degrade_nano),
+            _opt(limits.degrade_requests), _opt(limits.cap_nano), _opt(limits.cap_requests),
+            limits.refuse_flag or "", member_id, repr(hold_until), _ttl(counter, now)])
+        admitted, degraded, estimate, spend, reserved, req, rreq, fired = (int(x) for x in out)
+        totals = Totals(spend, reserved, req, rreq)
+        if not admitted:
+            new = (limits.refuse_flag,) if fired and limits.refuse_flag else ()
+            return ReserveResult(False, bool(degraded), None, totals, new)
+        reservation = Reservation(counter, f"{member_id}:{estimate}", estimate)
+        return ReserveResult(True, bool(degraded), reservation, totals)
+
+    async def settle(self, reservation: Reservation, cost_nano: int, counted: bool,
+                     limits: Limits, now: float) -> SettleResult:
+        args: list[Any] = [reservation.member, reservation.estimate_nano, cost_nano,
+                           1 if counted else 0, _ttl(reservation.counter, now)]
+        for flag, spend_at, requests_at in limits.thresholds:
+            args += [flag, _opt(spend_at), _opt(requests_at)]
+        out = await self._run(self._settle, self._keys(reservation.counter), args)
+        spend, reserved, req, rreq = (int(x) for x in out[:4])
+        new = tuple(x.decode() if isinstance(x, bytes) else str(x) for x in out[4:])
+        return SettleResult(Totals(spend, reserved, req, rreq), new)
+
+    async def refund(self, reservation: Reservation, now: float) -> Totals:
+        out = await self._run(self._refund, self._keys(reservation.counter),
+                              [reservation.member, reservation.estimate_nano])
+        spend, reserved, req, rreq = (int(x) for x in out)
+        return Totals(spend, reserved, req, rreq)
+
+    async def read(self, counter: CounterRef) -> Totals:
+        out = await self._run(self._read, self._keys(counter)[:1], [])
+        fields = {out[i].decode(): out[i + 1].decode() for i in range(0, len(out), 2)}
+        return Totals(int(fields.get("spend", 0)), int(fields.get("reserved", 0)),
+                      int(fields.get("req", 0)), int(fields.get("rreq", 0)),
+                      frozenset(k[2:] for k in fields if k.startswith("f:")))
+
+
+def make_ledger(state: StateBackend) -> Ledger:
+    """The ledger for the configured backend."""
+    return RedisLedger(state) if state.kind == "redis" else MemoryLedger()
