@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.jsonpath import compile_path
 from proxy.units import parse_duration, parse_size
 
 Duration = Annotated[
@@ -139,11 +140,19 @@ class Price(Model):
 
 
 class UsagePaths(Model):
-    """For ``format: generic``: where usage and model sit in a JSON reply."""
+    """Where usage and model sit in a JSON reply (or SSE event), as JSONPaths like
+    ``$.usage.in``; when set, they replace the ``format``'s own reading (see proxy.metering)."""
 
     input_tokens: str | None = None
     output_tokens: str | None = None
     model: str | None = None
+
+    @field_validator("input_tokens", "output_tokens", "model")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None:
+            compile_path(v)
+        return v
 
 
 class ProviderConfig(Model):
@@ -237,7 +246,12 @@ class MatchConfig(Model):
 
 
 class AcceptConfig(Model):
-    """A condition on a 2xx JSON reply; failing it moves to the next tier."""
+    """A condition on a 2xx JSON reply; failing it moves to the next tier.
+
+    Every check that is set must hold for the value at ``json_path``: ``min``/``max``
+    (inclusive, numbers only), ``equals`` (JSON equality, ``true`` is not ``1``), ``in``,
+    ``exists``. ``json_path`` alone means ``exists: true``. See :mod:`policies.accept`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     json_path: str
@@ -247,12 +261,43 @@ class AcceptConfig(Model):
     in_: list[Any] | None = Field(default=None, alias="in")
     exists: bool | None = None
 
+    @field_validator("json_path")
+    @classmethod
+    def _json_path(cls, v: str) -> str:
+        compile_path(v)
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> AcceptConfig:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min must be <= max")
+        valued = (self.min is not None or self.max is not None or self.in_ is not None
+                  or "equals" in self.model_fields_set)
+        if self.exists is False and valued:
+            raise ValueError("exists: false cannot be combined with min, max, equals or in")
+        return self
+
+
+def _one_or_many(v: Any) -> Any:
+    """``accept: {...}`` is ``accept: [{...}]``: one condition or a list that must all hold."""
+    return [v] if isinstance(v, dict) else v
+
+
+def _one_or_many_schema(schema: dict[str, Any]) -> None:
+    """Let editors accept the single-condition form too (the list form is the model's)."""
+    for option in schema.get("anyOf", []):
+        if option.get("type") == "array":
+            schema["anyOf"].insert(0, dict(option["items"]))
+            return
+
 
 class TierConfig(Model):
     provider: str
     model: str | None = None
     path: str | None = None
-    accept: AcceptConfig | None = None
+    #: one condition or a list of conditions, all of which must hold
+    accept: Annotated[list[AcceptConfig] | None, BeforeValidator(_one_or_many),
+                      Field(json_schema_extra=_one_or_many_schema)] = None
     expensive: bool = False
 
     @field_validator("path")
@@ -338,10 +383,19 @@ class CacheConfig(Model):
 
 
 class ValidateConfig(Model):
+    """A 2xx reply must be JSON (``json``) holding a value at every ``require`` path."""
+
     json_: bool = Field(default=True, alias="json")
     require: list[str] = []
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("require")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for path in v:
+            compile_path(path)
+        return v
 
 
 class FaultAbort(Model):
@@ -355,6 +409,8 @@ class FaultDelay(Model):
 
 
 class FaultsConfig(Model):
+    """Failure rehearsal (see :mod:`policies.faults`); absent = off."""
+
     header: str = "x-rp-fault"
     abort: FaultAbort = FaultAbort()
     delay: FaultDelay = FaultDelay()
@@ -362,7 +418,10 @@ class FaultsConfig(Model):
     @field_validator("header")
     @classmethod
     def _lower(cls, v: str) -> str:
-        return v.lower()
+        v = v.lower()
+        if not v.startswith("x-rp-") or not _HEADER_NAME.match(v):
+            raise ValueError("must be a header named x-rp-... (control headers never go upstream)")
+        return v
 
 
 class FallbackResponse(Model):
@@ -372,11 +431,25 @@ class FallbackResponse(Model):
 
 
 class AutoRollbackConfig(Model):
-    window: Duration = 60.0
+    """Roll the variant back after ``consecutive`` windows that each breach a limit with at
+    least ``min_requests`` variant requests (see :mod:`policies.canary`)."""
+
+    window: Duration = Field(default=60.0, gt=0)
     consecutive: int = Field(default=3, ge=1)
     min_requests: int = Field(default=20, ge=1)
     max_error_rate: Fraction | None = 0.01
     max_p95: Duration | None = None
+    #: the variant's error rate minus stable's, in the same window
+    max_error_rate_over_stable: Fraction | None = None
+    #: the variant's p95 minus stable's, in the same window
+    max_p95_over_stable: Duration | None = None
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> AutoRollbackConfig:
+        if (self.max_error_rate is None and self.max_p95 is None
+                and self.max_error_rate_over_stable is None and self.max_p95_over_stable is None):
+            raise ValueError("set at least one limit (max_error_rate, max_p95, ...)")
+        return self
 
 
 class VariantConfig(Model):
@@ -405,6 +478,30 @@ class CanaryConfig(Model):
         if v == "client_ip" or (v.startswith("header:") and _HEADER_NAME.match(v[7:])):
             return v if v == "client_ip" else "header:" + v[7:].lower()
         raise ValueError("must be 'header:<name>' or 'client_ip'")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ramp_start(cls, data: Any) -> Any:
+        """A staged ramp without ``weight`` starts at its first step."""
+        if isinstance(data, dict) and "weight" not in data and isinstance(data.get("steps"), list) \
+                and data["steps"]:
+            data = {**data, "weight": data["steps"][0]}
+        return data
+
+    @model_validator(mode="after")
+    def _ramp(self) -> CanaryConfig:
+        if self.steps is None:
+            if self.step_every is not None:
+                raise ValueError("step_every needs steps")
+            return self
+        if not self.steps or any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("steps must be a non-empty, strictly increasing list of percents")
+        if self.step_every is None or self.step_every <= 0:
+            raise ValueError("steps need step_every (how long each step lasts at least)")
+        if self.auto_rollback is None:
+            raise ValueError("steps need auto_rollback: the ramp advances only while the "
+                             "variant's last window is within its limits")
+        return self
 
 
 class PolicyBlocks(Model):
