@@ -106,6 +106,8 @@ class Rejected(ProxyError):
     """A 2xx reply that failed the tier's ``accept`` condition; carries the reply."""
 
     status, type, attempt = 502, "invalid_response", True
+    #: what the attempt record and logs call it (``type`` is the HTTP error, if one is made)
+    kind = "rejected"
 
     def __init__(self, message: str, reply: object) -> None:
         super().__init__(message)
