@@ -121,8 +121,8 @@ class Call:
     __slots__ = (
         "_json", "arm", "attempts", "body", "cache_status", "canary", "client_id", "clock",
         "deadline", "downgrade", "fallback_reason", "fault", "headers", "log", "method",
-        "path", "query", "remote", "request_id", "route", "runtime", "started", "tier_bodies",
-        "timings",
+        "path", "query", "remote", "request_id", "route", "runtime", "spent_usd", "started",
+        "tier_bodies", "timings",
     )
 
     def __init__(
@@ -164,6 +164,8 @@ class Call:
         self.timings: dict[str, float] = {}
         self.log: dict[str, Any] = {}
         self.tier_bodies: dict[int, bytes] | None = None
+        #: what the provider replies of this call cost so far, over every attempt (metering)
+        self.spent_usd = 0.0
         self._json: Any = _UNSET
 
     def time_left(self) -> float:

@@ -8,7 +8,7 @@ Route level (per request)::
 
 Attempt level (per tier, built once per tier of each arm)::
 
-    retry → record → circuit → rate_limit → timeout → validate → accept → faults → send
+    retry → record → circuit → rate_limit → timeout → validate → accept → faults → meter → send
 
 Each policy module exposes ``build_route(ctx)`` and/or ``build_attempt(ctx)`` returning a
 policy — an object with ``async def __call__(self, call, next_) -> Reply`` — or ``None``
@@ -40,6 +40,7 @@ from policies import (
 )
 from proxy.call import Call, Handler, Reply
 from proxy.context import AttemptContext, RouteContext
+from proxy.metering import build_attempt as meter_attempt
 from proxy.record import build_attempt as record_attempt
 from proxy.upstream import ProviderClient
 
@@ -68,6 +69,7 @@ ATTEMPT_STAGES: tuple[AttemptBuilder, ...] = (
     validate.build_attempt,
     accept.build_attempt,
     faults.build_attempt,
+    meter_attempt,  # innermost: every reply a provider sent (and billed), never a fault's
 )
 
 
