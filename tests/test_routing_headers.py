@@ -170,10 +170,10 @@ async def test_provider_without_headers_passes_credentials_through(proxy, http, 
 async def test_hop_by_hop_and_control_headers_dropped_toward_provider(proxy, mock_provider):
     """Hop-by-hop headers (and those named in Connection) and x-rp-* never go upstream."""
     raw = await raw_http(proxy.data_url, (
-        "POST /pass/x HTTP/1.1\r\nHost: x\r\nConnection: close, X-Hop-Secret\r\n"
-        "X-Hop-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: x-t\r\n"
-        "Proxy-Authorization: Basic abc\r\nX-RP-Cache: bypass\r\nX-Stays: yes\r\n"
-        "Content-Length: 2\r\n\r\n{}").encode())
+        b"POST /pass/x HTTP/1.1\r\nHost: x\r\nConnection: close, X-Hop-Secret\r\n"
+        b"X-Hop-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: x-t\r\n"
+        b"Proxy-Authorization: Basic abc\r\nX-RP-Cache: bypass\r\nX-Stays: yes\r\n"
+        b"Content-Length: 2\r\n\r\n{}"))
     assert parse_response(raw)[0] == 200
     h = set(last_request(mock_provider)["headers"])
     for gone in ("x-hop-secret", "keep-alive", "te", "trailer", "proxy-authorization",
@@ -210,7 +210,7 @@ async def test_request_id_sanitised_sent_upstream_and_returned(proxy, mock_provi
     """A valid x-request-id is kept, sent upstream and returned; an invalid one is replaced."""
     raw = await raw_http(proxy.data_url, (
         f"POST /pass/x HTTP/1.1\r\nHost: x\r\nx-request-id: {given}\r\n"
-        "Content-Length: 2\r\nConnection: close\r\n\r\n{}").encode("utf-8"))
+        "Content-Length: 2\r\nConnection: close\r\n\r\n{}").encode())
     status, headers, _ = parse_response(raw)
     assert status == 200
     rid = headers["x-request-id"]
