@@ -12,9 +12,10 @@ reads as "next tier" and, on the last tier, becomes 429 ``rate_limited`` with
 headers (:func:`proxy.classify.rate_limit_headers`) from every reply:
 
 - a remaining count of 0 holds new requests until that dimension resets;
-- fewer remaining requests than ``burst`` paces requests at remaining / reset per second
-  until the reset, instead of spending them all at once and meeting a 429;
-- a 429 with a wait hint holds new requests for the hint.
+- fewer remaining requests than ``burst`` paces requests until the reset at the rate they
+  come back (see :meth:`TokenBucket.pace`), instead of spending them at once and meeting a
+  429;
+- a 429 with a wait hint (not a quota 429) holds new requests for the hint.
 
 Why not ``aiolimiter.AsyncLimiter``: it reads ``loop.time()`` (not the injected clock, so
 waits could not be tested without patching it) and only answers "is there capacity now?"
@@ -35,7 +36,7 @@ import math
 from typing import Any, NamedTuple
 
 from proxy.call import Call, Handler, Reply
-from proxy.classify import rate_limit_headers, retry_after_s
+from proxy.classify import classify, rate_limit_headers
 from proxy.clock import Clock
 from proxy.config import RateLimitConfig
 from proxy.context import AttemptContext
@@ -95,12 +96,18 @@ class TokenBucket:
         """Adaptive: let nothing through for ``seconds``."""
         self._hold_until = max(self._hold_until, self._clock.monotonic() + seconds)
 
-    def pace(self, remaining: float, reset_s: float) -> None:
-        """Adaptive: spread ``remaining`` requests over the ``reset_s`` seconds left."""
+    def pace(self, remaining: float, reset_s: float, limit: float | None) -> None:
+        """Adaptive: with fewer than ``burst`` requests left, go no faster than they come back.
+
+        With the provider's ``limit`` known, ``reset_s`` is read as OpenAI documents it (the
+        time until the limit is full again: ``limit - remaining`` requests come back in
+        ``reset_s``); without it, as a fixed window (``remaining`` requests until the reset).
+        """
         if remaining >= self.burst or reset_s <= 0:
             return
         now = self._clock.monotonic()
-        self._pace_s = reset_s / remaining
+        spent = limit - remaining if limit is not None and limit > remaining else None
+        self._pace_s = reset_s / (spent if spent is not None else remaining)
         self._pace_until = now + reset_s
         self._tat = max(self._tat, now + self._pace_s)
 
@@ -154,11 +161,11 @@ class RateLimit:
                 bucket.hold(reset_s)
         if info.remaining_requests is not None and info.reset_requests_s is not None \
                 and info.remaining_requests > 0:
-            bucket.pace(info.remaining_requests, info.reset_requests_s)
+            bucket.pace(info.remaining_requests, info.reset_requests_s, info.limit_requests)
         if reply.status == 429:
-            hint = retry_after_s(reply.headers, now_wall)
-            if hint is not None:
-                bucket.hold(hint)
+            decision = classify(reply, None, now_wall)
+            if decision.reason == "429" and decision.wait_s is not None:  # not a quota 429
+                bucket.hold(decision.wait_s)
 
 
 def _make_bucket(cfg: RateLimitConfig, provider: str, clock: Clock, log: Any) -> TokenBucket:

@@ -163,6 +163,7 @@ def retry_after_s(headers: list[tuple[str, str]], now_wall: float) -> float | No
 class RateLimitInfo:
     """What a reply's ``x-ratelimit-*`` headers say (None: not sent or unparseable)."""
 
+    limit_requests: float | None = None
     remaining_requests: float | None = None
     reset_requests_s: float | None = None
     remaining_tokens: float | None = None
@@ -182,11 +183,13 @@ def rate_limit_headers(headers: list[tuple[str, str]], now_wall: float) -> RateL
             continue
         if name in _RESET_HEADERS:
             found[name] = _reset_value(value, now_wall)
-        elif name in ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"):
+        elif name in ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
+                      "x-ratelimit-limit-requests"):
             found[name] = _float(value)
     if not found:
         return NO_RATE_LIMIT_INFO
     return RateLimitInfo(
+        limit_requests=found.get("x-ratelimit-limit-requests"),
         remaining_requests=found.get("x-ratelimit-remaining-requests"),
         reset_requests_s=found.get("x-ratelimit-reset-requests"),
         remaining_tokens=found.get("x-ratelimit-remaining-tokens"),

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from policies.ratelimit import TokenBucket
 from proxy.clock import FakeClock
 
 CHAT = "/v1/chat/completions"
@@ -131,6 +134,20 @@ async def test_adaptive_paces_when_remaining_is_low(mock_provider, make_proxy, h
     assert clock.slept == pytest.approx([5.0])
 
 
+async def test_adaptive_pacing_with_a_known_limit(mock_provider, make_proxy, http):
+    """adaptive: with x-ratelimit-limit-requests, the pace is the refill rate (10 back in 10 s)."""
+    clock = FakeClock()
+    proxy = await make_proxy(config(
+        mock_provider.url, "{requests_per_second: 100, burst: 10, max_wait: 10s, adaptive: true}"),
+        clock=clock)
+    low = {"x-mock-headers": '{"x-ratelimit-limit-requests": "12", '
+                             '"x-ratelimit-remaining-requests": "2", '
+                             '"x-ratelimit-reset-requests": "10s"}'}
+    assert (await post(http, proxy, low))[0] == 200
+    assert (await post(http, proxy))[0] == 200
+    assert clock.slept == pytest.approx([1.0])
+
+
 async def test_adaptive_429_hint_holds(mock_provider, make_proxy, http):
     """adaptive: a provider 429 with Retry-After holds the following requests."""
     clock = FakeClock()
@@ -159,3 +176,34 @@ async def test_fleet_scope_warns_it_acts_locally(mock_provider, make_proxy, http
                      clock=FakeClock())
     [warning] = [e for e in logs if e["event"] == "rate_limit_scope_local"]
     assert warning["provider"] == "p1" and warning["log_level"] == "warning"
+
+
+@given(st.floats(min_value=0.5, max_value=100), st.integers(min_value=1, max_value=20),
+       st.lists(st.floats(min_value=0, max_value=0.5), min_size=1, max_size=80))
+def test_bucket_never_exceeds_rate_plus_burst(rate, burst, gaps):
+    """Over any stretch, requests let through <= burst + rate x its length (no max_wait)."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate, burst, clock)
+    starts = []
+    for gap in gaps:
+        clock.advance(gap)
+        reservation = bucket.reserve(float("inf"))
+        assert reservation is not None and reservation.wait_s >= 0
+        starts.append(clock.monotonic() + reservation.wait_s)
+    assert starts == sorted(starts)
+    for i in range(len(starts)):
+        for j in range(i, len(starts)):
+            assert j - i + 1 <= burst + rate * (starts[j] - starts[i]) + 1e-6
+
+
+def test_bucket_gives_back_a_cancelled_slot():
+    """A reservation given back (its request cancelled while waiting) frees its slot."""
+    clock = FakeClock()
+    bucket = TokenBucket(1.0, 1, clock)
+    assert bucket.reserve(0.0) is not None
+    waiting = bucket.reserve(5.0)
+    assert waiting is not None and waiting.wait_s == pytest.approx(1.0)
+    bucket.give_back(waiting)
+    again = bucket.reserve(5.0)
+    assert again is not None and again.wait_s == pytest.approx(1.0)
+    assert bucket.reserve(0.5) is None

@@ -80,6 +80,23 @@ async def test_ratelimit_reset_header_is_the_wait(mock_provider, make_proxy, htt
     assert clock.slept == [6.0]
 
 
+async def test_503_retry_after_is_respected_or_not(mock_provider, make_proxy, http):
+    """A 503's Retry-After is the wait when respect is on; with respect off, the backoff is."""
+    headers = {"x-mock-status": "503", "x-mock-retry-after": "3", "x-mock-fail-first": "1"}
+    for respect, key in ((True, "on"), (False, "off")):
+        clock = FakeClock()
+        proxy = await make_proxy(config(
+            mock_provider.url, retry=f"{{retry_after: {{respect: {str(respect).lower()}}}}}"),
+            clock=clock)
+        async with http.post(proxy.data_url + CHAT, json=BODY,
+                             headers={**headers, "x-mock-key": key}) as resp:
+            assert resp.status == 200
+        if respect:
+            assert clock.slept == [3.0]
+        else:
+            assert len(clock.slept) == 1 and 0 <= clock.slept[0] <= 0.2
+
+
 async def test_long_retry_after_is_not_slept(mock_provider, make_proxy, http, logs):
     """Retry-After: 120 with total 5s: the 429 comes back at once with its Retry-After."""
     clock = FakeClock()
