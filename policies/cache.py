@@ -87,11 +87,12 @@ class CacheKey:
     def __call__(self, call: Call) -> str:
         h = hashlib.sha256(b"rp-cache-key-1")
         for text in (call.method, call.path, call.query, call.arm.name, call.client_id or ""):
-            _part(h, text.encode())
+            _part(h, text.encode(errors="surrogatepass"))
         _part(h, self._route)
         for name in self._headers + self._credentials:
             values = call.headers.getall(name, None)
-            _part(h, b"-" if values is None else b"+" + "\x00".join(values).encode())
+            _part(h, b"-" if values is None else
+                  b"+" + "\x00".join(values).encode(errors="surrogatepass"))
         if self._body:
             data = call.json()
             if data is None:
@@ -254,13 +255,13 @@ class Cache:
         while True:
             flight = self._flights.get(key) if self._coalesce else None
             if flight is None:
-                entry = await self._lookup(key)
+                entry, reachable = await self._lookup(key)
                 if entry is not None:
                     self._decided(call, "hit", "hit", started)
                     return entry.reply(self._clock.time())
                 flight = self._flights.get(key) if self._coalesce else None
                 if flight is None:
-                    return await self._lead(call, next_, key, started)
+                    return await self._lead(call, next_, key, started, reachable)
             outcome = await self._follow(call, key, flight)
             if outcome is Signal.HANDOVER:
                 continue
@@ -274,25 +275,30 @@ class Cache:
         call.timings["t_cache"] = (self._clock.monotonic() - started) * 1000
         self._results[result].inc()
 
-    async def _lookup(self, key: str) -> Entry | None:
+    async def _lookup(self, key: str) -> tuple[Entry | None, bool]:
+        """(the entry or None, whether the store answered)."""
         try:
             data = await self._kv.get(key)
         except StateError:
-            return None  # fail open: counted and logged by the backend
-        return None if data is None else Entry.decode(data)
+            return None, False  # fail open: counted and logged by the backend
+        return (None if data is None else Entry.decode(data)), True
 
-    async def _lead(self, call: Call, next_: Handler, key: str, started: float) -> Reply:
+    async def _lead(self, call: Call, next_: Handler, key: str, started: float,
+                    reachable: bool) -> Reply:
+        """Call upstream for everyone waiting on ``key``. When the store did not answer the
+        lookup, this request asks it nothing more (no lease, no store): an unreachable Redis
+        costs a request one timeout, not three."""
         flight = self._flights[key] = Flight(call.deadline)
         outcome: Outcome = Signal.HANDOVER
         try:
-            if self._store.leases:
+            if self._store.leases and reachable:
                 entry = await self._lease(call, key, flight)
                 if entry is not None:
                     outcome = Shared(entry, True)
                     self._decided(call, "hit", "hit", started)
                     return entry.reply(self._clock.time())
             self._decided(call, "miss", "miss", started)
-            reply, outcome = await self._keep(call, key, await next_(call), flight)
+            reply, outcome = await self._keep(call, key, await next_(call), flight, reachable)
             return reply
         except ProxyError as exc:
             if not isinstance(exc, _LEADER_SPECIFIC):
@@ -318,8 +324,8 @@ class Cache:
                 return None
             await self._clock.sleep(wait_s)
             wait_s = min(wait_s * 2, _POLL_MAX_S)
-            entry = await self._lookup(key)
-            if entry is not None:
+            entry, reachable = await self._lookup(key)
+            if entry is not None or not reachable:
                 return entry
 
     async def _settle(self, key: str, flight: Flight, outcome: Outcome) -> None:
@@ -333,8 +339,8 @@ class Cache:
             except StateError:
                 pass  # it expires with the leader's deadline
 
-    async def _keep(self, call: Call, key: str, reply: Reply,
-                    flight: Flight | None) -> tuple[Reply, Outcome]:
+    async def _keep(self, call: Call, key: str, reply: Reply, flight: Flight | None,
+                    store: bool = True) -> tuple[Reply, Outcome]:
         """Store ``reply`` when it may be (a stream: once it completes); what followers get."""
         if not self._storable(call, reply):
             if reply.stream is not None:
@@ -344,12 +350,13 @@ class Cache:
             return reply, Shared(Entry.of(reply, reply.body or b"", None, self._clock.time()),
                                  False)
         if reply.stream is not None:
-            recorder = _Recorder(self, key, reply, flight)
+            recorder = _Recorder(self, key, reply, flight, store)
             reply.stream.observers.append(recorder.observe)
             reply.stream.on_close.append(recorder.close)
             return reply, Signal.DEFERRED
         entry = Entry.of(reply, reply.body or b"", None, self._clock.time())
-        await self._put(key, entry)
+        if store:
+            await self._put(key, entry)
         return reply, Shared(entry, True)
 
     def _storable(self, call: Call, reply: Reply) -> bool:
@@ -365,7 +372,11 @@ class Cache:
         return reply.body is not None and len(reply.body) <= self._max_entry
 
     async def _put(self, key: str, entry: Entry) -> None:
-        data = entry.encode()
+        try:
+            data = entry.encode()
+        except orjson.JSONEncodeError:  # a header value that is not valid UTF-8
+            self._log.warning("cache_store_refused", reason="header is not valid UTF-8")
+            return
         if any(secret in data for secret in self._secrets):
             self._log.warning("cache_store_refused", reason="reply contains a configured secret")
             return
@@ -409,10 +420,12 @@ def _clone(exc: ProxyError) -> ProxyError:
 class _Recorder:
     """Records a streamed reply's chunks; stores it and settles the flight when it ends."""
 
-    __slots__ = ("_cache", "_flight", "_key", "_parts", "_reply", "_size")
+    __slots__ = ("_cache", "_flight", "_key", "_parts", "_reply", "_size", "_store")
 
-    def __init__(self, cache: Cache, key: str, reply: Reply, flight: Flight | None) -> None:
+    def __init__(self, cache: Cache, key: str, reply: Reply, flight: Flight | None,
+                 store: bool) -> None:
         self._cache = cache
+        self._store = store
         self._key = key
         self._reply = reply
         self._flight = flight
@@ -435,7 +448,8 @@ class _Recorder:
             if completed and parts:
                 entry = Entry.of(self._reply, b"".join(parts), tuple(len(p) for p in parts),
                                  cache._clock.time())
-                await cache._put(self._key, entry)
+                if self._store:
+                    await cache._put(self._key, entry)
                 outcome = Shared(entry, True)
         finally:
             if self._flight is not None:

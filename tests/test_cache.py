@@ -240,6 +240,62 @@ async def test_reply_carrying_a_secret_is_never_stored(mock_provider, make_proxy
     assert any(e["event"] == "cache_store_refused" for e in logs)
 
 
+async def _raw_upstream(header: bytes) -> tuple[asyncio.Server, str, list[int]]:
+    """A bare HTTP/1.1 upstream whose replies carry ``header`` as raw bytes (not UTF-8)."""
+    calls = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            calls[0] += 1
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + header
+                         + b"\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", calls
+
+
+async def test_non_utf8_reply_header_is_relayed_but_not_stored(make_proxy, http, logs):
+    """A provider header that is not UTF-8 cannot be stored: the reply is still relayed (never
+    a 500) and the next request goes upstream again."""
+    server, url, calls = await _raw_upstream(b"x-odd: caf\xe9")
+    try:
+        proxy = await make_proxy(config(url))
+        s1, _, _ = await post(http, proxy)
+        s2, h2, _ = await post(http, proxy)
+        assert (s1, s2) == (200, 200) and h2["x-rp-cache"] == "miss" and calls[0] == 2
+        assert any(e["event"] == "cache_store_refused" for e in logs)
+    finally:
+        server.close()
+
+
+async def _raw_post(proxy: Any, header: bytes) -> tuple[int, bytes]:
+    host, port = proxy.data_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = orjson.dumps(BODY)
+    writer.write(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                 + header + b"\r\ncontent-type: application/json\r\ncontent-length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    data = await reader.read()
+    writer.close()
+    status = int(data.split(b" ", 2)[1])
+    cache = next((line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
+                  if line.lower().startswith(b"x-rp-cache:")), b"")
+    return status, cache
+
+
+async def test_non_utf8_request_header_is_keyed_not_an_error(mock_provider, make_proxy):
+    """A listed request header with non-UTF-8 bytes is part of the key like any other value."""
+    proxy = await make_proxy(config(mock_provider.url))
+    assert await _raw_post(proxy, b"x-tenant-id: caf\xe9") == (200, b"miss")
+    assert await _raw_post(proxy, b"x-tenant-id: caf\xe9") == (200, b"hit")
+    assert await _raw_post(proxy, b"x-tenant-id: caf\xea") == (200, b"miss")
+
+
 # --------------------------------------------------------------------------- control header
 
 
@@ -470,6 +526,24 @@ def test_key_changes_with_route_method_path_query_header_client_and_arm():
     }
     assert keys["same"] == keys["base"]
     assert len(set(keys.values())) == len(keys) - 1
+
+
+@given(a=st.text(max_size=12), b=st.text(max_size=12),
+       part=st.sampled_from(["header", "query", "path", "client", "arm", "route"]))
+def test_key_changes_with_any_request_part_value(a, b, part):
+    """Two different values of any one request part (a listed header, query, path, client,
+    arm, route) never share a key; equal values always do."""
+    body = orjson.dumps(BODY)
+
+    def key(v: str) -> str:
+        if part == "route":
+            return CacheKey(v, KEY_CFG)(_call(body))
+        kwargs: dict[str, Any] = {"header": {"headers": {"x-tenant-id": v}}, "query": {"query": v},
+                                  "path": {"path": v}, "client": {"client": v or None},
+                                  "arm": {"arm": v}}[part]
+        return KEY(_call(body, **kwargs))
+
+    assert (key(a) == key(b)) == (a == b or (part == "client" and not a and not b))
 
 
 def test_key_without_body_ignores_it():

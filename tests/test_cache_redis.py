@@ -106,7 +106,8 @@ async def test_redis_killed_under_traffic_fails_open_and_recovers(
     redis_server.kill()
     down = [await post(http, proxy, {**BODY, "n": i}) for i in range(10)]
     assert [(s, h["x-rp-cache"]) for s, h, _ in down] == [(200, "miss")] * 10
-    assert metric(proxy, "rp_state_errors_total", feature="cache") >= 10
+    # one failed call per request: after a failed lookup the request skips lease and store
+    assert metric(proxy, "rp_state_errors_total", feature="cache") == 10
     assert [e["event"] for e in logs if e.get("feature") == "cache"] == ["state_unavailable"]
     async with http.get(proxy.admin_url + "/readyz") as resp:
         assert resp.status == 200
@@ -121,8 +122,8 @@ async def test_redis_killed_under_traffic_fails_open_and_recovers(
 
 async def test_unresponsive_redis_holds_a_request_at_most_the_timeout(mock_provider, make_proxy,
                                                                      http):
-    """A Redis that accepts connections but never answers costs each call at most
-    state.redis.timeout: the request is answered (a miss), the errors counted."""
+    """A Redis that accepts connections but never answers costs a request one
+    state.redis.timeout (the lookup; lease and store are then skipped): answered, a miss."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
@@ -132,8 +133,8 @@ async def test_unresponsive_redis_holds_a_request_at_most_the_timeout(mock_provi
         status, h, _ = await post(http, proxy)
         elapsed = time.monotonic() - started
     assert (status, h["x-rp-cache"]) == (200, "miss")
-    assert elapsed < 3  # lookup + lease + store, each cut at 100ms; never a hang
-    assert metric(proxy, "rp_state_errors_total", feature="cache") >= 1
+    assert elapsed < 3  # cut at 100 ms: never a hang
+    assert metric(proxy, "rp_state_errors_total", feature="cache") == 1
 
 
 async def test_redis_holds_no_secret(mock_provider, make_proxy, http, redis_server):
