@@ -253,3 +253,23 @@ async def test_admin_status_reports_tiers_fallback_rate_and_latency(
     assert route["fallback_rate"] == 3 / 20
     assert route["latency_ms"]["p95"] >= 300  # the slowest of 20 is the 95th percentile
     assert 300 / 20 <= route["latency_ms"]["mean"] < route["latency_ms"]["p95"]
+
+
+async def test_rate_limited_tier1_moves_on_and_alone_is_429(mock_provider, mock_provider2,
+                                                            make_proxy, http):
+    """The local rate limit refusing tier 1 moves to tier 2 (rate_limited); with one tier
+    the refusal is 429 rate_limited with Retry-After."""
+    limit = ", rate_limit: {requests_per_second: 0.5, burst: 1, max_wait: 0s}"
+    proxy = await make_proxy(config(mock_provider.url, mock_provider2.url, p1_extra=limit),
+                             clock=FakeClock())
+    assert (await post(http, proxy))[1]["x-rp-tier"] == "1"
+    status, headers, _ = await post(http, proxy, body={"image": "menu-2"})
+    assert status == 200 and headers["x-rp-tier"] == "2"
+    assert headers["x-rp-fallback"] == "rate_limited" and mock_provider.mock.calls == 1
+    single = config(mock_provider.url, mock_provider2.url, p1_extra=limit).replace(
+        "      - {provider: p2, path: /v2/ocr}\n", "")
+    proxy = await make_proxy(single, clock=FakeClock())
+    await post(http, proxy)
+    status, headers, body = await post(http, proxy)
+    assert status == 429 and orjson.loads(body)["error"]["type"] == "rate_limited"
+    assert headers["retry-after"] == "2"
