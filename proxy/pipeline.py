@@ -8,7 +8,10 @@ Route level (per request)::
 
 Attempt level (per tier, built once per tier of each arm)::
 
-    retry → record → circuit → rate_limit → timeout → validate → accept → faults → meter → send
+    retry → circuit → rate_limit → record → timeout → validate → accept → faults → meter → send
+
+(``record`` sits after the local gates: a tier skipped for an open circuit or a local rate
+limit made no upstream attempt, so it is not counted in ``x-rp-attempts``.)
 
 Each policy module exposes ``build_route(ctx)`` and/or ``build_attempt(ctx)`` returning a
 policy — an object with ``async def __call__(self, call, next_) -> Reply`` — or ``None``
@@ -62,9 +65,9 @@ ROUTE_STAGES: tuple[RouteBuilder, ...] = (
 )
 ATTEMPT_STAGES: tuple[AttemptBuilder, ...] = (
     retry.build_attempt,
-    record_attempt,
     circuit.build_attempt,
     ratelimit.build_attempt,
+    record_attempt,
     timeout.build_attempt,
     validate.build_attempt,
     accept.build_attempt,

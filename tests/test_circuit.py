@@ -186,5 +186,5 @@ async def test_retries_stop_when_it_opens(mock_provider, make_proxy, http, logs)
     status, headers, body = await post(http, proxy, FAIL)
     assert status == 503 and b"mock provider answered 503" in body
     assert mock_provider.mock.calls == 2
-    assert headers["x-rp-attempts"] == "3"  # two upstream tries, then the open circuit
+    assert headers["x-rp-attempts"] == "2"  # two upstream tries; the open circuit sent nothing
     assert [e["why"] for e in logs if e["event"] == "upstream_retry_skipped"] == ["circuit_open"]
