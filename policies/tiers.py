@@ -96,7 +96,11 @@ class Tiers:
             if walk.pending is not None:
                 self._moved(call, prev_index, tier.index, walk.pending, walk.last)
             prev_index = tier.index
-            outcome = await _run(tier, call)
+            try:
+                outcome = await _run(tier, call)
+            except BaseException:  # the client went away, or a request-ending error
+                _discard(walk.last)
+                raise
             decision = classify(outcome, None, self._clock.time())
             if decision.verdict in (Verdict.OK, Verdict.RELAY):
                 assert isinstance(outcome, Reply)

@@ -6,6 +6,7 @@ The YAML files are loaded as shipped; only the provider URLs and keys come from 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
@@ -183,3 +184,56 @@ async def test_food_label_analysis_tiers_and_validation(mock_provider, mock_prov
     assert status == 200 and h["x-rp-fallback"] == "exhausted" and body["degraded"] is True
     assert "unavailable" in orjson.loads(body["choices"][0]["message"]["content"])["note"]
     assert mock_provider2.mock.by_path == {"/v1/chat/completions": 1}  # invalid: not retried
+
+
+async def budget_entry(http, proxy, name: str, key: str = "global") -> dict:
+    async with http.get(proxy.admin_url + "/admin/status") as resp:
+        budgets = (await resp.json())["budgets"]
+    return next((b for b in budgets if b["name"] == name and b["key"] == key), {})
+
+
+async def spent_at_least(http, proxy, usd: float) -> None:
+    """Budgets settle just after the reply: wait (bounded) until the spend shows."""
+    for _ in range(500):
+        if (await budget_entry(http, proxy, "llm-monthly")).get("spend_usd", 0) >= usd:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"llm-monthly never reached ${usd}")
+
+
+async def test_food_cost_guardrails_downgrade_then_block(mock_provider, mock_provider2, make_proxy,
+                                                         http):
+    """At 85% of the monthly budget gpt-4o is skipped (x-rp-fallback: downgrade); at 100% the
+    degraded answer is served (x-rp-fallback: budget) without calling any provider."""
+    proxy = await food_proxy(make_proxy, mock_provider.url, mock_provider2.url)
+    status, h, _ = await analyse(http, proxy, "big-1", {"x-mock-output-tokens": "17000000"})
+    assert status == 200 and h["x-rp-model"] == "gpt-4o"  # 17M x $10/1M = $170 = 85%
+    await spent_at_least(http, proxy, 170)
+    status, h, _ = await analyse(http, proxy, "after-85", {"x-mock-output-tokens": "60000000"})
+    assert status == 200 and (h["x-rp-tier"], h["x-rp-model"]) == ("2", "gpt-4o-mini")
+    assert h["x-rp-fallback"] == "downgrade"  # 60M x $0.60/1M = $36: past the cap
+    await spent_at_least(http, proxy, 200)
+    calls = mock_provider.mock.calls
+    status, h, body = await analyse(http, proxy, "after-100")
+    assert status == 200 and body["degraded"] is True and h["x-rp-fallback"] == "budget"
+    assert mock_provider.mock.calls == calls
+
+
+async def test_food_daily_quota_per_user(mock_provider, mock_provider2, make_proxy, http):
+    """30 label analyses a day per x-user-id; the 31st gets the degraded answer, another user
+    is unaffected."""
+    proxy = await food_proxy(make_proxy, mock_provider.url, mock_provider2.url)
+    for i in range(30):
+        status, h, _ = await analyse(http, proxy, f"q{i}", {"x-user-id": "heavy"})
+        assert status == 200 and h["x-rp-tier"] == "1"
+    for _ in range(500):
+        entry = await budget_entry(http, proxy, "daily-label-quota", "heavy")
+        if entry.get("requests", 0) >= 30:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the quota never counted 30 requests")
+    status, h, body = await analyse(http, proxy, "q30", {"x-user-id": "heavy"})
+    assert status == 200 and body["degraded"] is True and h["x-rp-fallback"] == "budget"
+    status, h, _ = await analyse(http, proxy, "q30", {"x-user-id": "light"})
+    assert status == 200 and h["x-rp-tier"] == "1" and "x-rp-fallback" not in h
