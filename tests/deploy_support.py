@@ -3,6 +3,7 @@
 - :func:`exported_metric_names` reads the names a live proxy really exports from its
   ``/metrics`` text (``# TYPE`` lines and samples; histograms add ``_bucket/_count/_sum``).
 - :func:`promql_metric_names` pulls the metric names a PromQL expression references.
+- :class:`PrometheusServer` is Debian's ``prometheus`` on a free loopback port (stopped by PID).
 - :class:`Chromium` is Debian's ``chromium`` in headless mode, driven over the DevTools
   protocol (a small client on aiohttp's websocket): console errors, exceptions, DOM, screenshot.
 """
@@ -22,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
+
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
+PROM_DIR = REPO / "deploy" / "prometheus"
 
 # A config that turns on what the status page, the dashboard and the alerts show: two tiers
 # with a breaker, a budget, a canary. {mock} and {mock2} are the mock providers' URLs.
@@ -266,3 +271,73 @@ async def _reply(ws: aiohttp.ClientWebSocketResponse, msg_id: int) -> dict[str, 
             if "error" in data:
                 raise RuntimeError(str(data["error"]))
             return dict(data["result"])
+
+
+# --------------------------------------------------------------------------- a real Prometheus
+
+
+def tool(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        raise RuntimeError(f"{name} is not installed: .ci/run installs Debian's prometheus package")
+    return exe
+
+
+def scrape_config_for(target: str) -> str:
+    """deploy/prometheus/prometheus.yml, pointed at one proxy, scraping and evaluating every second."""
+    doc = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    doc["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    [job] = doc["scrape_configs"]
+    job["scrape_timeout"] = "1s"
+    job["static_configs"] = [{"targets": [target]}]
+    return str(yaml.safe_dump(doc))
+
+
+class PrometheusServer:
+    """Debian's prometheus on a free loopback port with a temp storage dir, stopped by PID."""
+
+    def __init__(self, config: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="rp-prometheus-"))
+        (self.dir / "prometheus.yml").write_text(config)
+        shutil.copy(PROM_DIR / "alerts.yml", self.dir / "alerts.yml")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(self.dir / "prometheus.log", "wb")  # closed in stop()
+        self.proc = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={self.dir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def query(self, http: aiohttp.ClientSession, promql: str) -> list[dict[str, Any]]:
+        """An instant query through the HTTP API; fails on a PromQL error."""
+        async with http.get(self.url + "/api/v1/query", params={"query": promql}) as resp:
+            body = await resp.json()
+        assert body["status"] == "success", (promql, body)
+        return list(body["data"]["result"])
+
+    async def wait_for(self, http: aiohttp.ClientSession, promql: str,
+                       timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Query until the answer is not empty (the first scrapes take a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, (self.dir / "prometheus.log").read_text()
+            try:
+                result = await self.query(http, promql)
+            except aiohttp.ClientConnectionError:
+                result = []
+            if result:
+                return result
+            assert time.monotonic() < deadline, f"Prometheus never answered {promql!r}"
+            await asyncio.sleep(0.25)
