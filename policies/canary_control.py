@@ -57,6 +57,16 @@ ALPHA = 0.05
 REPORT_MIN_REQUESTS = 20
 
 
+class _Buffer:
+    """This replica's observations not yet in the store (shared with the controller that
+    replaces this one on a reload, so requests still running on the old config count)."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self) -> None:
+        self.batch: Batch = {}
+
+
 class Judgement:
     """One window's verdict on the variant."""
 
@@ -111,7 +121,7 @@ class CanaryController:
         self._ar = cfg.auto_rollback
         self._window_s = self._ar.window if self._ar is not None else DEFAULT_WINDOW_S
         self._keep_windows = (self._ar.consecutive if self._ar is not None else 1) + 3
-        self._pending: Batch = {}
+        self._buffer = _Buffer()
         self._published: Published | None = None
         self._seeded = False
         self._judged: tuple[int, int] | None = None  # (latest window id, record version)
@@ -122,7 +132,7 @@ class CanaryController:
             if previous._published is not None:
                 self._set(previous._published)
             if previous.epoch == epoch and previous._window_s == self._window_s:
-                self._pending = previous._pending
+                self._buffer = previous._buffer  # in-flight requests of the old config too
         self._gauge.set(self.weight)
 
     # ------------------------------------------------------------------ hot path
@@ -130,16 +140,17 @@ class CanaryController:
     def observe(self, arm: str, error: bool, latency_s: float, cost_usd: float) -> None:
         """Record one request the arm served (no I/O: added to the store in batches)."""
         wid = int(self._clock.time() // self._window_s)
-        stats = self._pending.get((wid, arm))
+        pending = self._buffer.batch
+        stats = pending.get((wid, arm))
         if stats is None:
-            stats = self._pending[(wid, arm)] = ArmStats()
+            stats = pending[(wid, arm)] = ArmStats()
         stats.add(error, latency_s * 1000, cost_usd, WINDOW_SAMPLES)
 
     def add_cost(self, arm: str, cost_usd: float) -> None:
         """A streamed reply's cost, known once it ended."""
         if cost_usd:
             wid = int(self._clock.time() // self._window_s)
-            self._pending.setdefault((wid, arm), ArmStats()).cost_usd += cost_usd
+            self._buffer.batch.setdefault((wid, arm), ArmStats()).cost_usd += cost_usd
 
     # ------------------------------------------------------------------ admin protocol
 
@@ -213,9 +224,10 @@ class CanaryController:
 
     async def flush(self) -> None:
         """Add the pending observations to the store (kept for the next try on failure)."""
-        if not self._pending:
+        buffer = self._buffer
+        if not buffer.batch:
             return
-        batch, self._pending = self._pending, {}
+        batch, buffer.batch = buffer.batch, {}
         now = self._clock.time()
         try:
             await self._store.add(self.epoch, batch, now, self._window_s * self._keep_windows)
@@ -223,7 +235,7 @@ class CanaryController:
             oldest = int(now // self._window_s) - self._keep_windows
             for key, stats in batch.items():
                 if key[0] >= oldest:
-                    self._pending.setdefault(key, ArmStats()).merge(stats, WINDOW_SAMPLES)
+                    buffer.batch.setdefault(key, ArmStats()).merge(stats, WINDOW_SAMPLES)
 
     async def _refresh(self, now: float) -> Published | None:
         try:

@@ -331,3 +331,50 @@ async def test_example_config_end_to_end(mock_provider, mock_provider2, redis_se
     lines = access_lines(logs)
     assert {line["canary"] for line in lines} == {"stable", "variant"}
     assert [e["reason"] for e in logs if e["event"] == "canary_rolled_back"] == ["auto"]
+
+
+async def test_requests_in_flight_across_a_reload_still_count(
+        mock_provider, mock_provider2, make_proxy, http, tmp_path: Path):
+    """An observation made by the replaced config's canary lands in the new one's report."""
+    path = tmp_path / "canary.yaml"
+    text = config(mock_provider, mock_provider2)
+    path.write_text(text)
+    proxy = await make_proxy(text, path=str(path), clock=FakeClock())
+    old = proxy.runtime.registry["canary"]["chat"]
+    path.write_text(text.replace("max_error_rate: 0.05", "max_error_rate: 0.1"))
+    assert (await admin(http, proxy, "POST", "/admin/reload"))[0] == 200
+    new = proxy.runtime.registry["canary"]["chat"]
+    assert new is not old
+    old.observe("variant", True, 0.25, 0.0)  # a request that started before the reload ends
+    rep = await new.report()
+    assert (rep["arms"]["variant"]["requests"], rep["arms"]["variant"]["errors"]) == (1, 1)
+
+
+@pytest.mark.parametrize(("canary", "problem"), [
+    ("steps: [10, 5]\n      step_every: 1m", "strictly increasing"),
+    ("weight: 5\n      step_every: 1m", "step_every needs steps"),
+    ("steps: [5, 10]", "steps need step_every"),
+])
+def test_ramp_config_errors_are_located(mock_provider, mock_provider2, canary, problem):
+    """A malformed ramp is refused at load, located at routes[0].canary."""
+    from proxy.loader import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as exc:
+        parse_config(config(mock_provider, mock_provider2, canary=canary), "<test>", env={})
+    assert any(e.startswith("routes[0].canary") and problem in e for e in exc.value.errors)
+
+
+def test_ramp_needs_auto_rollback_and_a_limit():
+    """steps without auto_rollback, and auto_rollback without any limit, are refused."""
+    from pydantic import ValidationError
+
+    from proxy.config import CanaryConfig
+
+    base = {"variant": {"provider": "p"}}
+    with pytest.raises(ValidationError, match="steps need auto_rollback"):
+        CanaryConfig.model_validate({**base, "steps": [5, 50], "step_every": "1m"})
+    with pytest.raises(ValidationError, match="at least one limit"):
+        CanaryConfig.model_validate({**base, "auto_rollback": {"max_error_rate": None}})
+    ramp = CanaryConfig.model_validate({**base, "steps": [5, 50], "step_every": "1m",
+                                        "auto_rollback": {}})
+    assert ramp.weight == 5
