@@ -26,7 +26,8 @@ hit|miss|bypass|refresh; ``rp_cache_requests_total{route,result}`` counts those 
 answer is everyone's: a cacheable reply (a hit for the followers), any other reply or an
 upstream error (an outage is not multiplied by the number of waiting clients). When the
 leader's end says nothing about the upstream — its client went away, a budget refused it,
-its stream broke — one follower takes over and the others wait on it. With Redis, a lease
+its stream broke — one follower takes over and the others wait on it; when its budget
+shaped the answer (a downgrade, a budget fallback) each follower goes on alone. With Redis, a lease
 (``SET NX PX``) makes one replica the leader while the others poll the cache, for at most
 half of their time left, then call upstream themselves.
 
@@ -346,7 +347,8 @@ class Cache:
             if reply.stream is not None:
                 return reply, Signal.ALONE
             if call.downgrade or (reply.fallback_reason or call.fallback_reason) == "budget":
-                return reply, Signal.HANDOVER
+                # the leader's budget shaped this answer; each follower's own budget decides
+                return reply, Signal.ALONE
             return reply, Shared(Entry.of(reply, reply.body or b"", None, self._clock.time()),
                                  False)
         if reply.stream is not None:

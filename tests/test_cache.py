@@ -296,6 +296,41 @@ async def test_non_utf8_request_header_is_keyed_not_an_error(mock_provider, make
     assert await _raw_post(proxy, b"x-tenant-id: caf\xea") == (200, b"miss")
 
 
+async def test_hits_do_not_touch_the_quota(mock_provider, make_proxy, http):
+    """The cache sits before the budget: a user at quota still gets hits; a miss is refused."""
+    quota = """budgets:
+  q: {window: day, limit_requests: 1, per: "header:x-user-id", thresholds: [{at: 1.0, action: block}]}
+"""
+    yaml_text = config(mock_provider.url, extra="    budgets: [q]").replace(
+        "providers:", quota + "providers:")
+    proxy = await make_proxy(yaml_text)
+    s1, h1, _ = await post(http, proxy, x_user_id="u1")
+    s2, h2, _ = await post(http, proxy, x_user_id="u1")
+    s3, _, b3 = await post(http, proxy, {**BODY, "model": "m2"}, x_user_id="u1")
+    assert (s1, h1["x-rp-cache"]) == (200, "miss")
+    assert (s2, h2["x-rp-cache"]) == (200, "hit")
+    assert s3 == 429 and orjson.loads(b3)["error"]["type"] == "budget_exceeded"
+    assert mock_provider.mock.calls == 1
+
+
+async def test_canary_arms_never_share_entries(mock_provider, make_proxy, http):
+    """The arm is part of the key (DESIGN §8): the first request of each arm is a miss, later
+    ones of the same arm hit, whatever the user."""
+    canary = """    canary:
+      weight: 50
+      hash_on: header:x-user-id
+      variant: {tiers: [{provider: p1, model: m-variant}]}"""
+    proxy = await make_proxy(config(mock_provider.url, extra=canary))
+    seen: dict[str, list[str]] = {}
+    for i in range(24):
+        _, h, _ = await post(http, proxy, x_user_id=f"user-{i}")
+        seen.setdefault(h["x-rp-canary"], []).append(h["x-rp-cache"])
+    assert set(seen) == {"stable", "variant"}
+    for results in seen.values():
+        assert results == ["miss"] + ["hit"] * (len(results) - 1)
+    assert mock_provider.mock.calls == 2
+
+
 # --------------------------------------------------------------------------- control header
 
 
