@@ -199,7 +199,7 @@ class Budget:
                 from None
         self._ok()
         self._seen(display, tag, win, res.totals)
-        self._announce(res.new_flags, display, res.totals, call.request_id)
+        self._announce(res.new_flags, display, res.totals, call.request_id, "refusal")
         if res.degraded:
             call.downgrade = True
         if res.reservation is None:
@@ -236,7 +236,7 @@ class Budget:
         win = self.window(now)
         if reservation.counter.window == win.id:
             self._seen(display, reservation.counter.tag, win, totals)
-        self._announce(new, display, totals, request_id)
+        self._announce(new, display, totals, request_id, "spend")
 
     def _ok(self) -> None:
         """A ledger call worked: the state is visible again; retry what was left pending."""
@@ -293,7 +293,10 @@ class Budget:
         self._util_gauge.set(util)
 
     def _announce(self, flags: tuple[str, ...], display: str, totals: Totals,
-                  request_id: str | None) -> None:
+                  request_id: str | None, trigger: str) -> None:
+        """Log and count the steps this replica crossed first. ``trigger``: ``spend`` (the
+        settled spend reached the step) or ``refusal`` (the first call refused: what is
+        spent plus what is held for calls in flight leaves no room)."""
         for flag in flags:
             step = self._steps.get(flag)
             if step is None:
@@ -302,7 +305,8 @@ class Budget:
             self._deps.log.info("budget_threshold_crossed", request_id=request_id,
                                 budget=self.name, key=display, at=step.at, action=step.action,
                                 spend_usd=round(totals.spend_nano / NANO_PER_USD, 9),
-                                requests=totals.requests)
+                                reserved_usd=round(totals.reserved_nano / NANO_PER_USD, 9),
+                                requests=totals.requests, trigger=trigger)
 
     async def status(self) -> list[dict[str, Any]]:
         """``/admin/status`` rows: the global key, or the recent keys of a per-key budget."""

@@ -160,6 +160,23 @@ async def test_expired_holds_are_released(ledger):
     assert res.totals == Totals(usd_to_nano(0.2), usd_to_nano(0.5), 1, 1)
 
 
+async def test_settle_is_idempotent(ledger):
+    """A settle retried after a timeout that had in fact run (the hold is gone, and it did not
+    expire) changes nothing; a late settle of an expired hold applies once."""
+    r = await reserve(ledger, 0.3)
+    first = await ledger.settle(r.reservation, usd_to_nano(0.1), True, CAP_1USD, NOW)
+    again = await ledger.settle(r.reservation, usd_to_nano(0.1), True, CAP_1USD, NOW)
+    assert first.applied and not again.applied
+    assert again.totals == first.totals == Totals(usd_to_nano(0.1), 0, 1, 0)
+    late = await reserve(ledger, 0.3, hold_s=5)
+    await reserve(ledger, 0.0, now=NOW + 6)  # purges the expired hold
+    applied = [(await ledger.settle(late.reservation, usd_to_nano(0.2), True, CAP_1USD,
+                                    NOW + 7)).applied for _ in range(2)]
+    assert applied == [True, False]
+    totals = await ledger.read(COUNTER)
+    assert (totals.spend_nano, totals.requests) == (usd_to_nano(0.3), 2)
+
+
 async def test_windows_and_keys_are_separate_counters(ledger):
     """Another window or another key starts from zero."""
     await reserve(ledger, 1.0)

@@ -24,6 +24,11 @@ Operations (each one atomic: one Lua script on Redis, one synchronous step in me
 A hold expires at ``hold_until`` (the request's deadline plus a margin): a replica that dies
 with calls in flight cannot shrink the room for the rest of the window. A settle that arrives
 after its hold expired still adds its cost, without releasing the hold twice.
+
+Settling is idempotent for ``SETTLE_DEDUPE_S``: a settle whose reply timed out may have run,
+and the caller retries it later (once the state answers again); the counter remembers the
+holds it settled, so the retry cannot count the call twice. (A Redis that lost its data has
+forgotten them too: the retry then records the call, which is what is wanted.)
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -40,6 +46,8 @@ if TYPE_CHECKING:
     from proxy.state.backend import StateBackend
 
 NANO_PER_USD = 1_000_000_000
+#: how long a counter remembers a settled hold (retried settlements are deduplicated)
+SETTLE_DEDUPE_S = 3600.0
 #: counters outlive their window by this much (late settlements, the status of yesterday)
 COUNTER_GRACE_S = 2 * 86400.0
 
@@ -135,6 +143,8 @@ class ReserveResult:
 class SettleResult:
     totals: Totals
     new_flags: tuple[str, ...] = ()
+    #: False when the hold had been settled already (a retried settle): nothing changed
+    applied: bool = True
 
 
 class Ledger(Protocol):
@@ -180,6 +190,8 @@ class _Counter:
     flags: set[str] = field(default_factory=set)
     holds: dict[str, int] = field(default_factory=dict)  # member -> estimate
     expiry: list[tuple[float, str]] = field(default_factory=list)  # heap (hold_until, member)
+    settled: set[str] = field(default_factory=set)
+    settled_order: deque[tuple[float, str]] = field(default_factory=deque)
 
     def totals(self, flags: bool = False) -> Totals:
         return Totals(self.spend, self.reserved, self.requests, self.reserved_requests,
@@ -196,6 +208,17 @@ class _Counter:
     def purge(self, now: float) -> None:
         while self.expiry and self.expiry[0][0] <= now:
             self.release(heapq.heappop(self.expiry)[1])
+
+    def first_settle(self, member: str, now: float) -> bool:
+        """Remember ``member`` as settled; False when it already was (within the window)."""
+        order = self.settled_order
+        while order and order[0][0] <= now - SETTLE_DEDUPE_S:
+            self.settled.discard(order.popleft()[1])
+        if member in self.settled:
+            return False
+        self.settled.add(member)
+        order.append((now, member))
+        return True
 
 
 class MemoryLedger:
@@ -241,6 +264,8 @@ class MemoryLedger:
     async def settle(self, reservation: Reservation, cost_nano: int, counted: bool,
                      limits: Limits, now: float) -> SettleResult:
         c = self._counter(reservation.counter, now)
+        if not c.first_settle(reservation.member, now):
+            return SettleResult(c.totals(), (), applied=False)
         c.release(reservation.member)
         c.spend += cost_nano
         c.requests += 1 if counted else 0
@@ -265,7 +290,8 @@ class MemoryLedger:
 
 # --------------------------------------------------------------------------- redis
 
-# KEYS[1] the counter hash, KEYS[2] the holds zset (member "<id>:<estimate>", score hold_until).
+# KEYS[1] the counter hash, KEYS[2] the holds zset (member "<id>:<estimate>", score hold_until),
+# KEYS[3] the settled holds zset (score: when settled; kept SETTLE_DEDUPE_S).
 # Increments always use the decimal strings received (never a Lua number formatted back,
 # which Lua 5.1 would print as 1e+15 past 14 digits).
 _NEG = """
@@ -312,9 +338,16 @@ redis.call('EXPIRE', h, ARGV[11])
 return {ok and 1 or 0, degraded and 1 or 0, tonumber(est), spend, reserved, req, rreq, fired}
 """
 
-# ARGV: member, estimate, cost, counted (0|1), ttl_s, then (flag, spend_at, req_at)*
+# ARGV: member, estimate, cost, counted (0|1), ttl_s, now, dedupe_since,
+#       then (flag, spend_at, req_at)*
 _SETTLE = _NEG + """
-local h, z = KEYS[1], KEYS[2]
+local h, z, d = KEYS[1], KEYS[2], KEYS[3]
+redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. ARGV[7])
+if redis.call('ZADD', d, 'NX', ARGV[6], ARGV[1]) == 0 then
+  local v = redis.call('HMGET', h, 'spend', 'reserved', 'req', 'rreq')
+  return {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0, 0}
+end
+redis.call('EXPIRE', d, ARGV[5])
 if redis.call('ZREM', z, ARGV[1]) == 1 then
   redis.call('HINCRBY', h, 'reserved', neg(ARGV[2]))
   redis.call('HINCRBY', h, 'rreq', -1)
@@ -323,8 +356,8 @@ local spend = redis.call('HINCRBY', h, 'spend', ARGV[3])
 local req = redis.call('HINCRBY', h, 'req', ARGV[4])
 redis.call('EXPIRE', h, ARGV[5])
 local v = redis.call('HMGET', h, 'reserved', 'rreq')
-local out = {spend, tonumber(v[1]) or 0, req, tonumber(v[2]) or 0}
-for i = 6, #ARGV, 3 do
+local out = {spend, tonumber(v[1]) or 0, req, tonumber(v[2]) or 0, 1}
+for i = 8, #ARGV, 3 do
   local sa, ra = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   if (sa >= 0 and spend >= sa) or (ra >= 0 and req >= ra) then
     if redis.call('HSETNX', h, 'f:' .. ARGV[i], 1) == 1 then table.insert(out, ARGV[i]) end
@@ -375,7 +408,7 @@ class RedisLedger:
 
     def _keys(self, ref: CounterRef) -> list[str]:
         h = self._state.key(ref.tag, "w", ref.window)
-        return [h, h + ":holds"]
+        return [h, h + ":holds", h + ":settled"]
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         return await self._state.call(self.FEATURE, lambda: script(keys=keys, args=args))
@@ -384,7 +417,7 @@ class RedisLedger:
                       degraded_estimate_nano: int, now: float,
                       hold_until: float) -> ReserveResult:
         member_id = os.urandom(8).hex()
-        out = await self._run(self._reserve, self._keys(counter), [
+        out = await self._run(self._reserve, self._keys(counter)[:2], [
             repr(now), estimate_nano, degraded_estimate_nano, _opt(limits.degrade_nano),
             _opt(limits.degrade_requests), _opt(limits.cap_nano), _opt(limits.cap_requests),
             limits.refuse_flag or "", member_id, repr(hold_until), _ttl(counter, now)])
@@ -399,16 +432,17 @@ class RedisLedger:
     async def settle(self, reservation: Reservation, cost_nano: int, counted: bool,
                      limits: Limits, now: float) -> SettleResult:
         args: list[Any] = [reservation.member, reservation.estimate_nano, cost_nano,
-                           1 if counted else 0, _ttl(reservation.counter, now)]
+                           1 if counted else 0, _ttl(reservation.counter, now), repr(now),
+                           repr(now - SETTLE_DEDUPE_S)]
         for flag, spend_at, requests_at in limits.thresholds:
             args += [flag, _opt(spend_at), _opt(requests_at)]
         out = await self._run(self._settle, self._keys(reservation.counter), args)
-        spend, reserved, req, rreq = (int(x) for x in out[:4])
-        new = tuple(x.decode() if isinstance(x, bytes) else str(x) for x in out[4:])
-        return SettleResult(Totals(spend, reserved, req, rreq), new)
+        spend, reserved, req, rreq, applied = (int(x) for x in out[:5])
+        new = tuple(x.decode() if isinstance(x, bytes) else str(x) for x in out[5:])
+        return SettleResult(Totals(spend, reserved, req, rreq), new, bool(applied))
 
     async def refund(self, reservation: Reservation, now: float) -> Totals:
-        out = await self._run(self._refund, self._keys(reservation.counter),
+        out = await self._run(self._refund, self._keys(reservation.counter)[:2],
                               [reservation.member, reservation.estimate_nano])
         spend, reserved, req, rreq = (int(x) for x in out)
         return Totals(spend, reserved, req, rreq)
