@@ -209,6 +209,10 @@ async def _read_body(request: web.BaseRequest, limit: int, within_s: float) -> b
         raise BodyTooLarge(f"request body of {length} bytes is over the {limit}-byte limit")
     if not request.body_exists:
         return b""
+    if request.version >= (1, 1) and request.headers.get("expect", "").lower() == "100-continue":
+        # the client waits for this before sending its body (curl does for large bodies);
+        # an oversized body was refused above, before the client sent it
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     parts: list[bytes] = []
     size = 0
     try:

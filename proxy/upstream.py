@@ -42,7 +42,8 @@ class ProviderClient:
         #: scheme://host[:port][/base] as configured; the request adds path and query only
         self._prefix = base_url.rstrip("/")
         self.rules = HeaderRules(cfg.headers, clients_header)
-        self._secrets = tuple(s.encode() for s in secrets)
+        # longest first, so a whole "Bearer <key>" goes before the bare key inside it
+        self._secrets = tuple(sorted((s.encode() for s in secrets), key=len, reverse=True))
         self._max_buffered = max_buffered
         self.session: aiohttp.ClientSession | None = None
 

@@ -251,7 +251,7 @@ async def test_provider_error_body_relayed_with_secret_redacted(proxy, http):
         assert resp.status == 401
         text = await resp.text()
     assert SECRET not in text
-    assert "Bearer [REDACTED]" in text and "mock provider answered 401" in text
+    assert "(credentials received: [REDACTED])" in text and "mock provider answered 401" in text
 
 
 async def test_provider_error_relayed_as_it_came(proxy, http):
@@ -363,3 +363,27 @@ routes: [{{name: r, match: {{path_prefix: /}}, provider: p, timeout: {{total: 30
     writer.close()
     assert head.startswith(b"HTTP/1.1 408")
     assert mock_provider.mock.calls == 0
+
+
+async def test_expect_100_continue(proxy, mock_provider):
+    """``Expect: 100-continue`` gets its interim 100 at once (no client-side wait), and an
+    oversized body is refused with 413 before the client sends it."""
+    host, port = proxy.data_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /pass/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: 2\r\n\r\n")
+    async with asyncio.timeout(5):
+        interim = await reader.readuntil(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(b"{}")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(parse_response(head)[1]["content-length"]))
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"POST /pass/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: 999999\r\n\r\n")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413")
+    assert mock_provider.mock.calls == 1
