@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import random
@@ -89,7 +90,7 @@ async def one(session: aiohttp.ClientSession, url: str) -> float:
 
 def quantile(sorted_ms: list[float], q: float) -> float:
     """Nearest-rank quantile of an ascending list."""
-    index = min(len(sorted_ms) - 1, max(0, int(round(q * len(sorted_ms) + 0.5)) - 1))
+    index = min(len(sorted_ms) - 1, max(0, math.ceil(q * len(sorted_ms)) - 1))
     return sorted_ms[index]
 
 
