@@ -57,15 +57,16 @@ class StateBackend:
         if cfg.backend == "redis":
             # A blocking pool: past max_connections a call waits for a free connection
             # (within the timeout) instead of failing at once with "Too many connections".
-            # One immediate retry re-dials a pooled connection that a Redis restart closed,
-            # so a restart costs no error; a Redis that is down still fails within timeout.
+            # No client-side retry: a command is sent once, so a script that reserves or
+            # settles can never run twice; a pooled connection that a Redis restart closed
+            # is detected and re-dialled when it is checked out, so a restart costs no error.
             pool = aioredis.BlockingConnectionPool.from_url(
                 cfg.redis.url,
                 max_connections=cfg.redis.max_connections,
                 timeout=cfg.redis.timeout,
                 socket_timeout=cfg.redis.timeout,
                 socket_connect_timeout=cfg.redis.timeout,
-                retry=Retry(NoBackoff(), 1),
+                retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
             )
             self.redis = aioredis.Redis(connection_pool=pool)
