@@ -91,8 +91,11 @@ def admin_app(server: ProxyServer) -> web.Application:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(exc.status, "method_not_allowed" if exc.status == 405 else "not_found"
+            resp = _error(exc.status, "method_not_allowed" if exc.status == 405 else "not_found"
                           if exc.status == 404 else "bad_request", exc.reason)
+            if "Allow" in exc.headers:  # a 405 says which methods would do
+                resp.headers["Allow"] = exc.headers["Allow"]
+            return resp
         except ProxyError as exc:
             return _error(exc.status, exc.type, exc.message)
 
