@@ -341,3 +341,16 @@ async def test_streams_settle_when_they_close(proxy, http, logs):
     [row] = await status_rows(http, proxy, "tokens")
     assert row["requests"] == 1
     assert row["spend_usd"] == pytest.approx(access_lines(logs)[-1]["cost_usd"])
+
+
+async def test_reload_keeps_the_spend(make_proxy, mock_provider, clock, http, tmp_path):
+    """A reload that raises the limit keeps what was spent this window."""
+    path = tmp_path / "rp.yaml"
+    path.write_text(CONFIG.format(mock=mock_provider.url))
+    proxy = await make_proxy(path.read_text(), clock=clock, path=str(path))
+    for _ in range(3):
+        await post(http, proxy, "/tiered")
+    path.write_text(CONFIG.format(mock=mock_provider.url).replace("limit_usd: 1\n", "limit_usd: 2\n", 1))
+    assert await proxy.reload() == []
+    [row] = await status_rows(http, proxy, "monthly")
+    assert row["limit_usd"] == 2 and row["spend_usd"] == pytest.approx(0.3)
