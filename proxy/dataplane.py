@@ -68,12 +68,14 @@ class DataPlane:
         self._metrics = server.deps.metrics
         self._log = server.deps.log
         self.in_flight = 0
+        self._in_flight_gauge = server.deps.metrics.in_flight
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = self._clock.monotonic()
         rt = self._server.runtime
         rt.active += 1
         self.in_flight += 1
+        self._in_flight_gauge.inc()
         proto = request.protocol
         if isinstance(proto, HeaderTimeoutProtocol):
             proto.request_started()
@@ -124,6 +126,7 @@ class DataPlane:
             return _error_response(err, rid, route, call)
         finally:
             self.in_flight -= 1
+            self._in_flight_gauge.dec()
             if isinstance(proto, HeaderTimeoutProtocol):
                 proto.request_ended()
             self._finish(request, rt, route, call, done, started, rid)

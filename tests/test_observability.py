@@ -175,6 +175,7 @@ async def test_metrics_expose_the_contract_names(proxy, http):
         base = name.removesuffix("_total")
         assert base in families or name in families, name
     assert 'rp_config_reloads_total{result="ok"} 1.0' in text
+    assert "rp_requests_in_flight 0.0" in text
     assert 'rp_upstream_attempts_total{provider="p1",result="2xx",route="chat",tier="1"} 1.0' in text
 
 
