@@ -165,7 +165,10 @@ def _apply_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def cross_check(cfg: Config) -> list[str]:
-    """Checks of a valid config that span sections: prices for USD budgets, threshold order.
+    """Checks of a valid config that span sections: prices, threshold order.
+
+    Prices: on a route with a USD budget every tier must be priced; elsewhere a tier that
+    names a model on a provider with ``pricing`` must find its price (a typo is not free).
 
     References (unknown providers and budgets, duplicate route names) are checked on the raw
     file by :func:`_reference_errors`, so they are located as written and reported together
@@ -181,12 +184,10 @@ def cross_check(cfg: Config) -> list[str]:
             (b := cfg.budgets.get(n)) is not None and b.limit_usd is not None
             for n in route.budgets or []
         )
-        if not usd_budget:
-            continue
         for arm, tiers in arms:
             for j, tier in enumerate(tiers):
                 prov = cfg.providers.get(tier.provider)
-                if prov is not None:
+                if prov is not None and (usd_budget or (prov.pricing and tier.model)):
                     errors.extend(_price_check(prov, tier, f"{where}.{arm}[{j}]"))
     for name, budget in cfg.budgets.items():
         ats = [t.at for t in budget.thresholds]

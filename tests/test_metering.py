@@ -64,6 +64,9 @@ routes:
     assert err.value.errors == ["routes[0].tiers[0].model: provider 'p' has no price for model "
                                 "'claude-3-opus' and no '*' price"]
     parse_config(text.format(model="gpt-4o-mini-2024-07-18"))
+    unbudgeted = text.replace("    budgets: [b]\n", "")
+    with pytest.raises(ConfigError):  # a typo in a priced provider's model is not free either
+        parse_config(unbudgeted.format(model="gpt-4o-mnii"))
 
 
 # --------------------------------------------------------------------------- reading usage
