@@ -35,7 +35,8 @@ per-key budgets, the last 100 keys this replica served.
 
 Shared state unreachable: ``on_state_error: block`` answers 503 ``state_unavailable`` and
 marks the feature ``budget`` blind for ``/readyz`` until a ledger call succeeds again;
-``allow`` lets the call through unmetered (counted in ``rp_state_errors_total``).
+``allow`` lets the call through (counted in ``rp_state_errors_total``) and settles its cost
+once Redis answers again.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from proxy.state.ledger import (
     Window,
     calendar_window,
     make_ledger,
+    unheld,
     usd_to_nano,
 )
 
@@ -181,9 +183,9 @@ class Budget:
 
     # ------------------------------------------------------------------ admission
 
-    async def reserve(self, call: Call, estimate_nano: int,
-                      degraded_nano: int) -> Hold | Refused | None:
-        """Hold an estimate, or refuse; None when the state is down and the budget allows."""
+    async def reserve(self, call: Call, estimate_nano: int, degraded_nano: int) -> Hold | Refused:
+        """Hold an estimate, or refuse. State down: 503 (``block``), or admit with an empty
+        hold (``allow``) whose settlement waits for the state to answer again."""
         now = self._deps.clock.time()
         win = self.window(now)
         tag, display = self.key_of(call)
@@ -192,8 +194,8 @@ class Budget:
                 self._counter(tag, win), self.limits, estimate_nano, degraded_nano, now,
                 now + max(call.time_left(), 0.0) + HOLD_MARGIN_S)
         except StateError:
-            if self.cfg.on_state_error == "allow":
-                return None
+            if self.cfg.on_state_error == "allow":  # settled later, when Redis answers again
+                return Hold(self, unheld(self._counter(tag, win)), display)
             self._deps.state.set_blind(_FEATURE, True)
             raise StateUnavailable(f"budget '{self.name}' cannot reach its shared state") \
                 from None
@@ -361,13 +363,10 @@ class BudgetStage:
                 if isinstance(outcome, Refused):
                     self._release(holds, call)
                     return self._refuse(call, outcome)
-                if outcome is not None:
-                    holds.append(outcome)
+                holds.append(outcome)
         except BaseException:
             self._release(holds, call)
             raise
-        if not holds:
-            return await next_(call)
         try:
             reply = await next_(call)
         except BaseException:

@@ -112,17 +112,25 @@ async def test_state_down_blocks_and_marks_readyz_blind(make_proxy, mock_provide
         assert r.status == 200
 
 
-async def test_state_down_allow_passes_and_counts(make_proxy, mock_provider, redis_server, http):
-    """on_state_error: allow — Redis down, calls pass, each failure is counted."""
+async def test_state_down_allow_passes_counts_and_settles_later(make_proxy, mock_provider,
+                                                                redis_server, http):
+    """on_state_error: allow — Redis down, calls pass and each failure is counted; their
+    cost is settled once Redis answers again (here: at the next call)."""
     [proxy] = await replicas(make_proxy, mock_provider, redis_server, n=1, on_error="allow")
     redis_server.kill()
     for _ in range(3):
         assert (await post(http, proxy))[0] == 200
     errors = proxy.deps.metrics.registry.get_sample_value("rp_state_errors_total",
                                                           {"feature": "budget"})
-    assert errors is not None and errors >= 3
+    assert errors is not None and errors >= 6  # 3 reservations, 3 settlements
     async with http.get(proxy.admin_url + "/readyz") as r:
         assert r.status == 200
+    redis_server.start()
+    assert (await post(http, proxy))[0] == 200
+    budget = proxy.runtime.registry["budget"]["fleet"]
+    await wait_for(lambda: not budget._tasks)
+    [row] = await budget_row(http, proxy)
+    assert row["spend_usd"] == pytest.approx(0.2) and row["requests"] == 4
 
 
 async def test_a_settlement_lost_to_an_outage_is_flushed(make_proxy, mock_provider,

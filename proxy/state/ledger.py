@@ -164,6 +164,12 @@ def _member(estimate_nano: int) -> str:
     return f"{os.urandom(8).hex()}:{estimate_nano}"
 
 
+def unheld(counter: CounterRef) -> Reservation:
+    """A reservation that holds nothing: for a call admitted while the ledger could not be
+    reached, so that its cost can still be settled (idempotently) once it can."""
+    return Reservation(counter, _member(0), 0)
+
+
 def _admits(limits: Limits, spend: int, reserved: int, requests: int, reserved_requests: int,
             estimate: int) -> bool:
     if limits.cap_nano is not None and (
