@@ -314,10 +314,15 @@ class Budget:
         """``/admin/status`` rows: the global key, or the recent keys of a per-key budget."""
         win = self.window(self._deps.clock.time())
         rows = []
+        reachable = True
         for display, tag in list(self._keys.items())[::-1]:
-            try:
-                totals = await self._ledger.read(self._counter(tag, win))
-            except StateError:
+            totals = None
+            if reachable:
+                try:
+                    totals = await self._ledger.read(self._counter(tag, win))
+                except StateError:
+                    reachable = False  # the last known values, without waiting per key
+            if totals is None:
                 last = self._last.get(display)
                 totals = last[1] if last is not None and last[0] == win.id else Totals()
             rows.append(self._row(display, totals, win))

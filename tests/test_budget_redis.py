@@ -148,3 +148,17 @@ async def test_a_settlement_lost_to_an_outage_is_flushed(make_proxy, mock_provid
     await proxy.runtime.registry["flush"]["budget:fleet"]()
     [row] = await budget_row(http, proxy)
     assert row["spend_usd"] == pytest.approx(0.05) and row["requests"] == 1
+
+
+async def test_status_with_redis_down_shows_last_known_values(make_proxy, mock_provider,
+                                                              redis_server, http):
+    """/admin/status does not wait on Redis once per key: with Redis down it answers with
+    the values this replica saw last."""
+    [proxy] = await replicas(make_proxy, mock_provider, redis_server, n=1)
+    for user in ("a", "b", "b"):
+        assert (await post(http, proxy, "/users", headers={"x-user-id": user}))[0] == 200
+    budget = proxy.runtime.registry["budget"]["users"]
+    await wait_for(lambda: not budget._tasks)
+    redis_server.kill()
+    rows = {r["key"]: r["requests"] for r in await budget_row(http, proxy, "users")}
+    assert rows == {"a": 1, "b": 2}
