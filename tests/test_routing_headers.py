@@ -387,3 +387,38 @@ async def test_expect_100_continue(proxy, mock_provider):
     writer.close()
     assert head.startswith(b"HTTP/1.1 413")
     assert mock_provider.mock.calls == 1
+
+
+CLIENTS = """
+server:
+  trust_request_id: false
+  clients: {{header: x-app-key, keys: ["{k1}", "{k2}"]}}
+providers: {{p: {{url: "{mock}"}}}}
+routes: [{{name: r, match: {{path_prefix: /}}, provider: p}}]
+"""
+
+
+async def test_client_keys(mock_provider, make_proxy, http, logs):
+    """With server.clients: no key is 401, an unknown key 403, a listed key passes; the key
+    never goes upstream and never reaches a log line."""
+    k1, k2 = "app-key-one-123", "app-key-two-456"
+    proxy = await make_proxy(CLIENTS.format(mock=mock_provider.url, k1=k1, k2=k2))
+    for headers, status, kind in (({}, 401, "unauthorized"), ({"x-app-key": "nope"}, 403, "forbidden")):
+        async with http.post(proxy.data_url + "/x", headers=headers) as resp:
+            assert resp.status == status
+            assert (await resp.json())["error"]["type"] == kind
+    for key in (k1, k2):
+        async with http.post(proxy.data_url + "/x", headers={"x-app-key": key}) as resp:
+            assert resp.status == 200
+        assert "x-app-key" not in last_request(mock_provider)["headers"]
+    assert mock_provider.mock.calls == 2
+    assert k1 not in repr(logs) and k2 not in repr(logs)
+
+
+async def test_untrusted_request_id_is_replaced(mock_provider, make_proxy, http):
+    """With trust_request_id: false, even a well-formed incoming id is replaced."""
+    proxy = await make_proxy(CLIENTS.format(mock=mock_provider.url, k1="k" * 8, k2="j" * 8))
+    async with http.post(proxy.data_url + "/x", headers={"x-app-key": "k" * 8,
+                                                          "x-request-id": "mine-1"}) as resp:
+        assert resp.status == 200 and resp.headers["x-request-id"] != "mine-1"
+        assert last_request(mock_provider)["headers"]["x-request-id"] == resp.headers["x-request-id"]
