@@ -219,3 +219,20 @@ async def test_non_sse_idle_timeout_cuts_the_connection(make_proxy, http, logs):
         assert access_lines(logs)[0]["outcome"] == "stream_interrupted"
     finally:
         await runner.cleanup()
+
+
+async def test_client_leaving_mid_stream_cancels_upstream(mock_provider, make_proxy, logs):
+    """A client that hangs up after the first chunk: the upstream stream is closed (the
+    provider sees its caller go away) and the request is logged once as client_disconnected."""
+    import aiohttp
+
+    proxy = await start(make_proxy, mock_provider)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(proxy.data_url + "/v1/chat/completions", json=STREAM,
+                                  headers={"x-mock-chunk-delay": "300ms", "x-mock-chunks": "10"})
+        assert b"word0" in await resp.content.readany()
+        resp.close()  # drop the connection mid-stream
+    await wait_for(lambda: len(access_lines(logs)) == 1)
+    line = access_lines(logs)[0]
+    assert line["status"] == 499 and line["outcome"] == "client_disconnected"
+    await wait_for(lambda: mock_provider.mock.cancelled == 1)
