@@ -117,13 +117,27 @@ def _message(err: Any) -> str:
     return msg
 
 
+def _is_union_branch(loc: tuple[Any, ...]) -> bool:
+    return any(isinstance(p, str) and ("[" in p or p in _UNION_TAGS) for p in loc)
+
+
 def _dedupe_union_errors(errors: list[Any]) -> Iterator[str]:
-    seen: set[str] = set()
+    """One line per problem: the alternatives pydantic tried for a union (``on: [teapot]``
+    is neither a condition name nor a status code) are joined into one line for that path."""
+    lines: dict[tuple[str, bool], list[str]] = {}
     for err in errors:
-        line = f"{_loc_to_path(err['loc'])}: {_message(err)}"
-        if line not in seen:
-            seen.add(line)
-            yield line
+        key = (_loc_to_path(err["loc"]), _is_union_branch(err["loc"]))
+        messages = lines.setdefault(key, [])
+        message = _message(err)
+        if message not in messages:
+            messages.append(message)
+    for (path, union), messages in lines.items():
+        if union:
+            first, *alternatives = messages
+            yield f"{path}: " + first + "".join(
+                f"; or: {m[:1].lower()}{m[1:]}" for m in alternatives)
+        else:
+            yield from (f"{path}: {m}" for m in messages)
 
 
 def _merge(base: Any, override: Any) -> Any:

@@ -290,3 +290,12 @@ def test_retry_on_key_is_not_a_yaml_boolean():
     route = parse_config(text, env={}).config.routes[0]
     assert route.retry is not None and list(route.retry.on) == [503, "timeout", "reset"]
     assert route.validate_ is not None and route.validate_.json_ is True
+
+
+def test_union_alternatives_are_one_line():
+    """A value that fits no member of a union (a retry condition that is neither a name nor a
+    status) is one located line naming both alternatives, not one line per member."""
+    errs = errors_of(BASE + "    retry: {on: [teapot]}\n")
+    assert len(errs) == 1
+    assert errs[0].startswith("routes[0].retry.on[0]: must be one of 'connect_error'")
+    assert "; or: " in errs[0] and "integer" in errs[0]
