@@ -5,6 +5,10 @@
   ``kill()`` / ``restart()`` for failure cases.
 - ``make_proxy``: the real proxy app from a YAML text, data and admin planes on free ports.
 - ``http``: an aiohttp client session.
+- ``logs``: every structlog line of the test (``structlog.testing.capture_logs``);
+  ``access_lines(logs)`` keeps the access-log lines; ``wait_for(predicate)`` polls until true.
+
+Raw-HTTP helpers and scripted upstreams for the core's tests are in ``tests/core_support.py``.
 """
 
 from __future__ import annotations
