@@ -1,13 +1,7 @@
 """Response cache (route level, between canary and budget): answered once, served many times.
 
-**Key** — sha256 over length-prefixed parts: method, route, path, raw query, the canary arm,
-the client identity (``call.client_id``, set when ``server.clients`` is), the listed
-request headers (absent and empty differ), and the body: JSON re-encoded with sorted keys
-and ``ignore_json_fields`` removed (a top-level name, or a dotted path into nested objects:
-``metadata.trace_id``; arrays are not descended), else the raw bytes. When a tier's provider
-is pass-through (configures no headers) the app's own credentials reach the provider, so a
-digest of them is part of the key: a request can never be answered with a reply that was
-paid for, or authorised, by another key.
+**Key** — see :mod:`policies.cache_key`: method, route, path, query, canary arm, client
+identity, listed headers, the canonical body, and pass-through credentials.
 
 **Stored** — only a provider's reply with a listed status, without ``Set-Cookie`` or
 ``Cache-Control: no-store``, not degraded (a ``fallback_response``, a reply that failed
@@ -39,16 +33,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import os
-from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
-from proxy.call import Call, Handler, Reply, ReplyStream
-from proxy.config import CacheConfig, CacheKeyConfig
+from policies.cache_entry import Entry
+from policies.cache_key import CacheKey
+from proxy.call import Call, Handler, Reply
+from proxy.config import CacheConfig
 from proxy.context import RouteContext
 from proxy.errors import BadRequest, BudgetExceeded, ClientAuthError, ProxyError, StateUnavailable, Timeout
 from proxy.headers import CREDENTIALS
@@ -56,133 +49,9 @@ from proxy.state.backend import StateError
 from proxy.state.kv import KV, MemoryKV, RedisKV
 
 RESULTS = ("hit", "miss", "bypass", "refresh", "coalesced")
-_FORMAT = b"RPC1"
-_PER_REQUEST = frozenset({"x-request-id", "request-id", "date", "age", "set-cookie",
-                          "server-timing", "retry-after", "content-length"})
-_PER_REQUEST_PREFIXES = ("x-rp-", "x-ratelimit-")
 _DEGRADED = frozenset({"rejected", "downgrade", "budget", "exhausted"})
 _LEADER_SPECIFIC = (BudgetExceeded, StateUnavailable, BadRequest, ClientAuthError)
 _POLL_FIRST_S, _POLL_MAX_S = 0.01, 0.1
-
-
-# --------------------------------------------------------------------------- key
-
-
-def _part(h: Any, data: bytes) -> None:
-    h.update(len(data).to_bytes(8, "big"))
-    h.update(data)
-
-
-class CacheKey:
-    """Builds a request's cache key (hex sha256); compiled once per route."""
-
-    __slots__ = ("_body", "_credentials", "_headers", "_ignore", "_route")
-
-    def __init__(self, route: str, cfg: CacheKeyConfig, credentials: Iterable[str] = ()) -> None:
-        self._route = route.encode()
-        self._body = cfg.body
-        self._headers = tuple(cfg.headers)
-        self._ignore = tuple(tuple(p.split(".")) for p in cfg.ignore_json_fields)
-        self._credentials = tuple(sorted(credentials))
-
-    def __call__(self, call: Call) -> str:
-        h = hashlib.sha256(b"rp-cache-key-1")
-        for text in (call.method, call.path, call.query, call.arm.name, call.client_id or ""):
-            _part(h, text.encode(errors="surrogatepass"))
-        _part(h, self._route)
-        for name in self._headers + self._credentials:
-            values = call.headers.getall(name, None)
-            _part(h, b"-" if values is None else
-                  b"+" + "\x00".join(values).encode(errors="surrogatepass"))
-        if self._body:
-            data = call.json()
-            if data is None:
-                _part(h, b"raw:" + call.body)
-            else:
-                _part(h, b"json:" + normalised_json(data, self._ignore))
-        return h.hexdigest()
-
-
-def normalised_json(data: Any, ignore: tuple[tuple[str, ...], ...] = ()) -> bytes:
-    """``data`` encoded with sorted keys (at any depth) and the ``ignore`` paths removed."""
-    for path in ignore:
-        data = _without(data, path)
-    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
-
-
-def _without(data: Any, path: tuple[str, ...]) -> Any:
-    """``data`` without the field at ``path``; copies only along the path (never mutates)."""
-    if not isinstance(data, dict) or path[0] not in data:
-        return data
-    out = dict(data)
-    if len(path) == 1:
-        del out[path[0]]
-    else:
-        out[path[0]] = _without(out[path[0]], path[1:])
-    return out
-
-
-# --------------------------------------------------------------------------- entries
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A stored reply. Encoded as ``RPC1`` + 4-byte meta length + JSON meta + raw body."""
-
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes  # the buffered body, or the stream's chunks end to end
-    chunks: tuple[int, ...] | None  # chunk lengths when it was a stream
-    provider: str | None
-    model: str | None
-    stored_at: float  # unix seconds
-
-    @classmethod
-    def of(cls, reply: Reply, body: bytes, chunks: tuple[int, ...] | None, now: float) -> Entry:
-        headers = tuple((k, v) for k, v in reply.headers
-                        if k not in _PER_REQUEST and not k.startswith(_PER_REQUEST_PREFIXES))
-        return cls(reply.status, headers, body, chunks, reply.provider, reply.model, now)
-
-    def encode(self) -> bytes:
-        meta = orjson.dumps({"s": self.status, "h": self.headers, "c": self.chunks,
-                             "p": self.provider, "m": self.model, "t": self.stored_at})
-        return b"".join((_FORMAT, len(meta).to_bytes(4, "big"), meta, self.body))
-
-    @classmethod
-    def decode(cls, data: bytes) -> Entry | None:
-        """The entry, or None for bytes this version cannot read (treated as a miss)."""
-        if not data.startswith(_FORMAT) or len(data) < 8:
-            return None
-        end = 8 + int.from_bytes(data[4:8], "big")
-        try:
-            m = orjson.loads(data[8:end])
-            chunks = None if m["c"] is None else tuple(int(n) for n in m["c"])
-            return cls(int(m["s"]), tuple((str(k), str(v)) for k, v in m["h"]), data[end:],
-                       chunks, m["p"], m["m"], float(m["t"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None
-
-    def reply(self, now: float, *, cached: bool = True) -> Reply:
-        """A fresh Reply: a hit (``source="cache"``) or a coalesced copy of a leader's answer."""
-        headers = list(self.headers)
-        if cached:
-            headers.append(("age", str(max(0, int(now - self.stored_at)))))
-        source = "cache" if cached else "provider"
-        if self.chunks is None:
-            return Reply(self.status, headers, body=self.body, provider=self.provider,
-                         model=self.model, cost_usd=0.0, source=source)
-        parts, at = [], 0
-        for n in self.chunks:
-            parts.append(self.body[at:at + n])
-            at += n
-        stream = ReplyStream(parts[0], _replay(parts[1:]))
-        return Reply(self.status, headers, stream=stream, provider=self.provider,
-                     model=self.model, cost_usd=0.0, source=source)
-
-
-async def _replay(parts: list[bytes]) -> AsyncIterator[bytes]:
-    for part in parts:
-        yield part
 
 
 # --------------------------------------------------------------------------- coalescing

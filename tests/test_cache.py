@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from policies.cache import CacheKey, Entry, normalised_json
+from policies.cache_entry import Entry
+from policies.cache_key import CacheKey, normalised_json
 from proxy.call import Call, Reply
 from proxy.clock import FakeClock
 from proxy.config import CacheKeyConfig
