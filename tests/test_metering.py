@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from proxy.call import Usage
 from proxy.config import Price, UsagePaths
 from proxy.loader import ConfigError, parse_config
-from proxy.metering import Found, StreamMeter, UsageReader, match_price, usage_from
+from proxy.metering import match_price, usage_from
+from proxy.usage import Found, StreamMeter, UsageReader
 from tests.conftest import access_lines
 
 PRICES = {"gpt-4o-mini": Price(input=0.15, output=0.60), "gpt-4o": Price(input=2.5, output=10.0),
