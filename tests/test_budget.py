@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.budget import limits_of
+from policies.budget_state import limits_of
 from proxy.clock import FakeClock
 from proxy.config import BudgetConfig, Threshold
 from proxy.state.ledger import calendar_window, usd_to_nano
