@@ -23,13 +23,7 @@ Starts, on 127.0.0.1 free ports: a private ``redis-server --save ''``, the mock 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +31,10 @@ from typing import Any
 
 import aiohttp
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._support import Procs
 
 PRICE = 10.0  # USD per 1M tokens, input and output
 OUT_TOKENS = 900
@@ -77,12 +75,6 @@ routes:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def body_of(size: int, **extra: Any) -> bytes:
     """A chat request of exactly ``size`` bytes."""
     doc = {"model": "m", "messages": [{"role": "user", "content": ""}], **extra}
@@ -94,64 +86,19 @@ def body_of(size: int, **extra: Any) -> bytes:
 
 
 class Fleet:
-    """The processes this script starts, stopped by PID."""
+    """Redis, the mock provider and three replicas of one config (logs in the scratch dir)."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.redis_port = free_port()
-        self.mock_port = free_port()
-        self.proxies: list[tuple[str, str, Path]] = []  # (data url, admin url, log file)
-
-    def spawn(self, argv: list[str], log: Path) -> None:
-        out = log.open("wb")
-        self.procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-
-    def start(self) -> None:
-        redis = shutil.which("redis-server")
-        if redis is None:
-            sys.exit("redis-server is not installed")
-        self.spawn([redis, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "no", "--dir", str(self.tmp)], self.tmp / "redis.log")
-        self.spawn([sys.executable, "-m", "proxy", "mock", "--listen",
-                    f"127.0.0.1:{self.mock_port}"], self.tmp / "mock.log")
-        cfg = self.tmp / "fleet.yaml"
-        cfg.write_text(CONFIG.format(redis=self.redis_port, mock=self.mock_port, price=PRICE,
-                                     chat=CHAT))
-        for i in range(3):
-            data, admin = free_port(), free_port()
-            log = self.tmp / f"proxy{i}.log"
-            self.spawn([sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--listen",
-                        f"127.0.0.1:{data}", "--admin-listen", f"127.0.0.1:{admin}"], log)
-            self.proxies.append((f"http://127.0.0.1:{data}", f"http://127.0.0.1:{admin}", log))
-
-    async def ready(self, http: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + 15
-        urls = [f"http://127.0.0.1:{self.mock_port}/mock/stats"] + [
-            admin + "/readyz" for _, admin, _ in self.proxies]
-        for url in urls:
-            while True:
-                try:
-                    async with http.get(url) as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{url} did not become ready")
-                await asyncio.sleep(0.1)
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    def __init__(self, procs: Procs) -> None:
+        redis = procs.redis()
+        mock = procs.mock(log=procs.dir / "mock.log")
+        self.mock_port = mock.port
+        config = CONFIG.format(redis=redis.port, mock=mock.port, price=PRICE, chat=CHAT)
+        replicas = [procs.proxy(config, "fleet", log=procs.dir / f"proxy{i}.log", wait=False)
+                    for i in range(3)]
+        procs.wait_ready(*replicas)
+        # (data url, admin url, log file)
+        self.proxies: list[tuple[str, str, Path]] = [(p.url, p.admin, procs.dir / f"proxy{i}.log")
+                                                     for i, p in enumerate(replicas)]
 
 
 async def burst(http: aiohttp.ClientSession, fleet: Fleet, path: str, body: bytes,
@@ -258,14 +205,11 @@ async def streams(http: aiohttp.ClientSession, fleet: Fleet) -> None:
 
 
 async def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="rp-budget-bench-"))
-    fleet = Fleet(tmp)
-    fleet.start()
-    try:
+    with Procs("rp-budget-bench-") as procs:
+        fleet = Fleet(procs)
         conn = aiohttp.TCPConnector(limit=1000)
         async with aiohttp.ClientSession(connector=conn,
                                          timeout=aiohttp.ClientTimeout(total=30)) as http:
-            await fleet.ready(http)
             await streams(http, fleet)
             await mock_bill(http, fleet, reset=True)
             # 400 bytes = 100 input tokens; 900 output tokens: (100 + 900) × $10/1M = $0.01
@@ -284,9 +228,6 @@ async def main() -> None:
             for budget in ("exact", "under"):
                 steps = Counter(e["action"] for e in events if e["budget"] == budget)
                 print(f"  {budget}: each step fired {dict(steps)} time(s) fleet-wide")
-    finally:
-        fleet.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,95 +20,22 @@ Bounded (about 40 s in all), loopback only; every process it starts is stopped a
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._support import Procs, Proxy, Redis
+
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m1", "messages": [{"role": "user", "content": "barcode 8801234567893"}]}
-PY = sys.executable
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
-class Procs:
-    """Every process this bench starts, stopped (by PID) at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.dir = tempfile.mkdtemp(prefix="rp-bench-cache-")
-
-    def start(self, args: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            self.stop(proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Redis:
-    def __init__(self, procs: Procs) -> None:
-        self.procs = procs
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server is not installed")
-        self.proc = self.procs.start([exe, "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", "--dir",
-                                      self.procs.dir, "--protected-mode", "no"])
-        wait_port(self.port)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(5)
-            self.proc = None
 
 
 def config_text(mock_url: str, state: str) -> str:
@@ -129,29 +56,18 @@ routes:
 """
 
 
-class Proxy:
-    def __init__(self, procs: Procs, mock_url: str, state: str, name: str) -> None:
-        path = os.path.join(procs.dir, f"{name}.yaml")
-        with open(path, "w") as f:
-            f.write(config_text(mock_url, state))
-        self.port, self.admin_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin = f"http://127.0.0.1:{self.admin_port}"
-        self.proc = procs.start([PY, "-m", "proxy", "run", "-c", path,
-                                 "--listen", f"127.0.0.1:{self.port}",
-                                 "--admin-listen", f"127.0.0.1:{self.admin_port}",
-                                 "--log-level", "warning"])
-        wait_port(self.port)
-        wait_port(self.admin_port)
+def start_proxy(procs: Procs, mock_url: str, state: str, name: str) -> Proxy:
+    return procs.proxy(config_text(mock_url, state), name, log_level="warning")
 
-    async def metric(self, http: aiohttp.ClientSession, name: str, **labels: str) -> float:
-        async with http.get(self.admin + "/metrics") as resp:
-            text = await resp.text()
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith(f"{name}{{{want}}} "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+
+async def metric(http: aiohttp.ClientSession, proxy: Proxy, name: str, **labels: str) -> float:
+    async with http.get(proxy.admin + "/metrics") as resp:
+        text = await resp.text()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 async def mock_calls(http: aiohttp.ClientSession, mock_url: str) -> int:
@@ -178,7 +94,7 @@ async def figure_1(http: aiohttp.ClientSession, procs: Procs, mock_url: str, red
     print("1. 100 concurrent identical requests, cold cache, provider latency 200 ms")
     for backend, state in (("memory", "{backend: memory}"),
                            ("redis", f'{{backend: redis, redis: {{url: "{redis.url}"}}}}')):
-        proxy = Proxy(procs, mock_url, state, f"fig1-{backend}")
+        proxy = start_proxy(procs, mock_url, state, f"fig1-{backend}")
         before = await mock_calls(http, mock_url)
         body = {**BODY, "fig": f"1-{backend}"}
         replies = await asyncio.gather(*(post(http, proxy.url, body, {"x-mock-delay": "200ms"})
@@ -194,8 +110,8 @@ async def figure_1(http: aiohttp.ClientSession, procs: Procs, mock_url: str, red
 async def figure_2(http: aiohttp.ClientSession, procs: Procs, mock_url: str, redis: Redis) -> None:
     print("2. two proxy processes sharing one Redis")
     state = f'{{backend: redis, redis: {{url: "{redis.url}"}}}}'
-    a = Proxy(procs, mock_url, state, "fig2-a")
-    b = Proxy(procs, mock_url, state, "fig2-b")
+    a = start_proxy(procs, mock_url, state, "fig2-a")
+    b = start_proxy(procs, mock_url, state, "fig2-b")
     before = await mock_calls(http, mock_url)
     body = {**BODY, "fig": "2"}
     sa, ca, _ = await post(http, a.url, body)
@@ -218,7 +134,7 @@ async def figure_2(http: aiohttp.ClientSession, procs: Procs, mock_url: str, red
 async def figure_3(http: aiohttp.ClientSession, procs: Procs, mock_url: str, redis: Redis) -> None:
     print("3. Redis killed under steady traffic (8 clients; Redis down from t=2 s to t=5 s)")
     state = f'{{backend: redis, redis: {{url: "{redis.url}", timeout: 100ms}}}}'
-    proxy = Proxy(procs, mock_url, state, "fig3")
+    proxy = start_proxy(procs, mock_url, state, "fig3")
     t0 = time.monotonic()
     phases: dict[str, Counter[tuple[int, str]]] = {p: Counter() for p in ("before", "down", "after")}
     state_box = {"phase": "before", "restarted_at": 0.0, "first_hit_after": None}
@@ -263,7 +179,7 @@ async def figure_3(http: aiohttp.ClientSession, procs: Procs, mock_url: str, red
     first = state_box["first_hit_after"]
     print(f"   first cache hit {first * 1000:.0f} ms after the restart" if first is not None
           else "   no hit after the restart")
-    errors_counted = await proxy.metric(http, "rp_state_errors_total", feature="cache")
+    errors_counted = await metric(http, proxy, "rp_state_errors_total", feature="cache")
     print(f"   rp_state_errors_total{{feature=\"cache\"}} = {errors_counted:.0f}")
     procs.stop(proxy.proc)
 
@@ -273,7 +189,7 @@ async def figure_4(http: aiohttp.ClientSession, procs: Procs, mock_url: str, red
     n = 400
     for backend, state in (("memory", "{backend: memory}"),
                            ("redis", f'{{backend: redis, redis: {{url: "{redis.url}"}}}}')):
-        proxy = Proxy(procs, mock_url, state, f"fig4-{backend}")
+        proxy = start_proxy(procs, mock_url, state, f"fig4-{backend}")
         body = {**BODY, "fig": f"4-{backend}"}
         for _ in range(50):  # warm connections, both paths
             await post(http, proxy.url, body, {"x-route": "plain"})
@@ -295,13 +211,9 @@ async def figure_4(http: aiohttp.ClientSession, procs: Procs, mock_url: str, red
 
 
 async def main() -> None:
-    with run_procs() as procs:
-        mock_port = free_port()
-        procs.start([PY, "-m", "proxy", "mock", "--listen", f"127.0.0.1:{mock_port}"])
-        wait_port(mock_port)
-        mock_url = f"http://127.0.0.1:{mock_port}"
-        redis = Redis(procs)
-        redis.start()
+    with Procs("rp-bench-cache-") as procs:
+        mock_url = procs.mock().url
+        redis = procs.redis()
         timeout = aiohttp.ClientTimeout(total=30)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
@@ -310,15 +222,6 @@ async def main() -> None:
             for i, figure in enumerate(figures, start=1):
                 if i in chosen:
                     await figure(http, procs, mock_url, redis)
-
-
-@contextmanager
-def run_procs() -> Iterator[Procs]:
-    procs = Procs()
-    try:
-        yield procs
-    finally:
-        procs.close()
 
 
 if __name__ == "__main__":

@@ -17,25 +17,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
-PY = sys.executable
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from policies.canary import in_variant  # noqa: E402
+from bench._support import Procs
+from policies.canary import in_variant
 
 CONFIG = """
 version: 1
@@ -53,23 +47,6 @@ routes:
       variant: {provider: candidate_p}
 """
 KEYS = [f"user-{i}" for i in range(10_000)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 async def arms(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
@@ -91,27 +68,9 @@ async def arms(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
 
 
 def sticky_split() -> None:
-    tmp = tempfile.mkdtemp(prefix="rp-bench-canary-")
-    path = os.path.join(tmp, "canary.yaml")
-    with open(path, "w") as f:
-        f.write(CONFIG)
-    port, admin = free_port(), free_port()
-    proc = subprocess.Popen([PY, "-m", "proxy", "run", "-c", path, "--listen",
-                             f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                             "--log-level", "warning"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(admin)
-        at5, t5, at10, t10 = asyncio.run(
-            split(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with Procs("rp-bench-canary-") as procs:
+        proxy = procs.proxy(CONFIG, "canary", log_level="warning")
+        at5, t5, at10, t10 = asyncio.run(split(proxy.url, proxy.admin))
     v5 = {k for k, arm in at5.items() if arm == "variant"}
     v10 = {k for k, arm in at10.items() if arm == "variant"}
     print("1. sticky split through the proxy (10,000 distinct x-user-id keys)")

@@ -20,22 +20,19 @@ Every process it starts is stopped by PID at the end.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
-PY = sys.executable
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._support import Procs
+
 WINDOW_S = 2.0
 DEADLINE_S = 20.0
 
@@ -63,57 +60,18 @@ routes:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
 class Fleet:
-    """Redis and three replicas; everything stopped by PID in :meth:`close`."""
+    """Redis and three replicas, each logging to its own file."""
 
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="rp-bench-canary-")
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.replicas: list[dict[str, Any]] = []
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server is not installed")
-        redis_port = free_port()
-        self.procs.append(subprocess.Popen(
-            [exe, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_port(redis_port)
-        path = os.path.join(self.dir, "fleet.yaml")
-        with open(path, "w") as f:
-            f.write(CONFIG.format(redis_port=redis_port, window=WINDOW_S))
-        for i in range(3):
-            port, admin = free_port(), free_port()
-            log_path = os.path.join(self.dir, f"replica{i}.log")
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [PY, "-m", "proxy", "run", "-c", path, "--listen", f"127.0.0.1:{port}",
-                     "--admin-listen", f"127.0.0.1:{admin}"],
-                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            self.procs.append(proc)
-            self.replicas.append({"name": f"replica{i}", "url": f"http://127.0.0.1:{port}",
-                                  "admin": f"http://127.0.0.1:{admin}", "log": log_path})
-        for r in self.replicas:
-            wait_port(int(r["admin"].rsplit(":", 1)[1]))
+    def __init__(self, procs: Procs) -> None:
+        redis = procs.redis()
+        config = CONFIG.format(redis_port=redis.port, window=WINDOW_S)
+        proxies = [procs.proxy(config, "fleet", log=procs.dir / f"replica{i}.log", wait=False)
+                   for i in range(3)]
+        procs.wait_ready(*proxies)
+        self.replicas: list[dict[str, Any]] = [
+            {"name": f"replica{i}", "url": p.url, "admin": p.admin, "log": p.log}
+            for i, p in enumerate(proxies)]
 
     def logs(self, event: str) -> list[tuple[str, dict[str, Any]]]:
         out = []
@@ -125,17 +83,6 @@ class Fleet:
                         if entry.get("event") == event:
                             out.append((r["name"], entry))
         return out
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 async def canary_of(http: aiohttp.ClientSession, replica: dict[str, Any]) -> dict[str, Any]:
@@ -224,12 +171,8 @@ async def run(fleet: Fleet) -> None:
 
 
 def main() -> int:
-    fleet = Fleet()
-    try:
-        fleet.start()
-        asyncio.run(run(fleet))
-    finally:
-        fleet.close()
+    with Procs("rp-bench-canary-") as procs:
+        asyncio.run(run(Fleet(procs)))
     return 0
 
 

@@ -24,11 +24,8 @@ import math
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,11 +34,13 @@ import aiohttp
 import orjson
 import uvloop
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._support import PY, ROOT, Procs, free_port
+
 BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
 BARE_ROUTE = """
 version: 1
-server: {{listen: "127.0.0.1:{port}", admin_listen: "127.0.0.1:{admin}"}}
 providers:
   mock: {{url: "{mock}", format: openai}}
 routes:
@@ -49,18 +48,6 @@ routes:
     match: {{path_prefix: /v1/chat/completions, methods: [POST]}}
     provider: mock
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(args: list[str]) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RP_")}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
@@ -157,31 +144,19 @@ def report(result: dict[str, Any], args: argparse.Namespace, wall_s: float) -> d
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    mock_port, proxy_port, admin_port, naive_port = (free_port() for _ in range(4))
-    mock = f"http://127.0.0.1:{mock_port}"
-    procs = [spawn(["-m", "proxy", "mock", "--listen", f"127.0.0.1:{mock_port}"])]
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(BARE_ROUTE.format(port=proxy_port, admin=admin_port, mock=mock))
-        cfg = f.name
-    procs.append(spawn(["-m", "proxy", "run", "-c", cfg, "--log-level", args.log_level]))
-    path = "/v1/chat/completions"
-    targets = {"direct": mock + path, "proxy": f"http://127.0.0.1:{proxy_port}{path}"}
-    if args.naive:
-        procs.append(spawn([str(ROOT / "bench" / "naive_proxy.py"), f"127.0.0.1:{naive_port}", mock]))
-        targets["naive"] = f"http://127.0.0.1:{naive_port}{path}"
-    try:
+    with Procs("rp-bench-latency-") as procs:
+        mock = procs.mock().url
+        proxy = procs.proxy(BARE_ROUTE.format(mock=mock), log_level=args.log_level)
+        path = "/v1/chat/completions"
+        targets = {"direct": mock + path, "proxy": proxy.url + path}
+        if args.naive:
+            naive_port = free_port()
+            procs.start([PY, str(ROOT / "bench" / "naive_proxy.py"), f"127.0.0.1:{naive_port}",
+                         mock])
+            targets["naive"] = f"http://127.0.0.1:{naive_port}{path}"
         t0 = time.monotonic()
         result = await measure(targets, args.requests, args.block, args.warmup, args.seed)
         return report(result, args, time.monotonic() - t0)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        os.unlink(cfg)
 
 
 def main() -> None:
