@@ -300,7 +300,8 @@ async def test_example_config_end_to_end(mock_provider, mock_provider2, redis_se
     """config/examples/canary-rollout.yaml on Redis: a sticky 5% first step, a broken
     candidate rolled back after three bad windows, and a report that says variant_worse."""
     env = {**os.environ, "OPENAI_URL": mock_provider.url, "DEEPSEEK_URL": mock_provider2.url,
-           "REDIS_URL": redis_server.url}
+           "REDIS_URL": redis_server.url, "OPENAI_API_KEY": "sk-test-stable",
+           "DEEPSEEK_API_KEY": "sk-test-candidate"}
     loaded = load_config(str(EXAMPLE), env=env)
     canary = loaded.config.routes[0].canary
     assert loaded.config.state.backend == "redis"

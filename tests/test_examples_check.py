@@ -23,6 +23,15 @@ def required_vars(text: str) -> list[str]:
     return sorted(set(re.findall(r"\$\{([A-Za-z_]\w*)\}", text)))
 
 
+def credential_headers(text: str) -> list[tuple[str, str]]:
+    """(provider.header, value) of every provider header that carries a credential."""
+    raw = yaml.safe_load(text)
+    return [(f"{name}.{header}", str(value))
+            for name, provider in raw["providers"].items()
+            for header, value in (provider.get("headers") or {}).items()
+            if SECRET_HEADER.search(header)]
+
+
 def check(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "proxy", "check", "-c", str(path)], env=env,
                           capture_output=True, text=True, timeout=60, cwd=REPO)
@@ -63,15 +72,14 @@ def test_config_passes_check_with_its_secrets_from_the_environment(path: Path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
 def test_config_keeps_credentials_out_of_the_file(path: Path):
-    """Credential headers are `${VAR}` references (an empty `${VAR:-}` default at most, never a
-    literal one), and without a required variable `check` fails naming it."""
+    """Credential headers are required `${VAR}` references (no default: an empty one would send
+    `Bearer ` upstream when the key is missing; never a literal), and without a required
+    variable `check` fails naming it."""
     text = path.read_text()
-    raw = yaml.safe_load(text)
-    for name, provider in raw["providers"].items():
-        for header, value in (provider.get("headers") or {}).items():
-            if SECRET_HEADER.search(header):
-                refs = re.findall(r"\$\{\w+(?::-([^}]*))?\}", str(value))
-                assert refs and refs == [""] * len(refs), f"{name}.{header} is inlined"
+    for where, value in credential_headers(text):
+        refs = re.findall(r"\$\{(\w+)(:-[^}]*)?\}", value)
+        assert refs, f"{where} is inlined"
+        assert all(not default for _, default in refs), f"{where} has a default: {value}"
     needed = required_vars(text)
     if not needed:
         assert check(path, clean_env([])).returncode == 0
@@ -80,3 +88,22 @@ def test_config_keeps_credentials_out_of_the_file(path: Path):
     assert done.returncode == 1
     for name in needed:
         assert f"environment variable {name} is not set" in done.stderr
+
+
+KEYED = [(path, var) for path in CONFIGS
+         for _, value in credential_headers(path.read_text())
+         for var in re.findall(r"\$\{(\w+)", value)]
+
+
+@pytest.mark.parametrize(("path", "var"), KEYED,
+                         ids=[f"{p.name}:{v}" for p, v in KEYED])
+def test_check_without_a_provider_key_fails_naming_it(path: Path, var: str):
+    """With every other variable set, a missing provider key fails `check` (exit 1) with one
+    located line naming the variable, not a traceback, so no request leaves with `Bearer `."""
+    needed = required_vars(path.read_text())
+    env = {**clean_env(needed), **{n: "http://127.0.0.1:9" if n.endswith("URL") else "set"
+                                   for n in needed if n != var}}
+    done = check(path, env)
+    assert done.returncode == 1, done.stdout
+    assert f"environment variable {var} is not set" in done.stderr
+    assert "Traceback" not in done.stderr
