@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -15,11 +14,11 @@ import aiohttp
 from tests.conftest import free_port
 
 
-async def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+async def _wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
-            assert proc.poll() is None, "the supervisor exited early"
+            assert proc.returncode is None, "the supervisor exited early"
             try:
                 async with s.get(url) as r:
                     if r.status == 200:
@@ -35,9 +34,9 @@ async def test_two_workers_share_port_and_metrics(tmp_path):
     port, admin = free_port(), free_port()
     env = {**os.environ, "RP_LISTEN": f"127.0.0.1:{port}", "RP_ADMIN_LISTEN": f"127.0.0.1:{admin}"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "-c", "config/default.yaml", "--workers", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "-c", "config/default.yaml", "--workers", "2",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
         await _wait_ready(f"http://127.0.0.1:{admin}/healthz", proc)
@@ -53,7 +52,7 @@ async def test_two_workers_share_port_and_metrics(tmp_path):
                       re.M)
         assert m is not None and float(m.group(1)) == 60.0
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0
         log = out.decode()
         assert log.count('"event":"started"') == 2
@@ -61,6 +60,6 @@ async def test_two_workers_share_port_and_metrics(tmp_path):
         pids = {int(p) for p in re.findall(r"supervisor (\d+)", log)}
         assert len(pids) == 1
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait(10)
+            await proc.wait()
