@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -53,14 +54,30 @@ def main(argv: list[str] | None = None) -> int:
     mock.add_argument("--listen", default="127.0.0.1:8081")
     args = parser.parse_args(argv)
 
-    if args.command == "schema":
-        sys.stdout.write(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0
-    if args.command == "check":
-        return _check(args.config or default_config_path())
+    if args.command in ("schema", "check"):
+        return _printing(lambda: _schema() if args.command == "schema"
+                         else _check(args.config or default_config_path()))
     if args.command == "mock":
         return _mock(args.listen)
     return _run(args)
+
+
+def _printing(command: Callable[[], int]) -> int:
+    """Run a command that prints to stdout; a reader that stops early (``| head -1``) ends it
+    quietly with status 1 instead of a BrokenPipeError traceback (the Python docs' recipe:
+    point stdout at /dev/null so the interpreter's final flush cannot fail again)."""
+    try:
+        code = command()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _schema() -> int:
+    sys.stdout.write(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
 
 
 def _check(path: str) -> int:

@@ -245,7 +245,24 @@ class AutoRollbackConfig(Model):
         return self
 
 
+def _provider_shorthand_schema(schema: dict[str, Any]) -> None:
+    """Let editors accept ``provider: <name>`` in place of ``tiers`` (see
+    :func:`_provider_shorthand`): exactly one of the two."""
+    schema["properties"]["provider"] = {
+        "type": "string", "title": "Provider",
+        "description": "shorthand for `tiers: [{provider: <name>}]` (set this or tiers)"}
+    required = [r for r in schema.get("required", []) if r != "tiers"]
+    if required:
+        schema["required"] = required
+    else:
+        schema.pop("required", None)
+    schema["oneOf"] = [{"required": ["tiers"]}, {"required": ["provider"]}]
+
+
 class VariantConfig(Model):
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra=_provider_shorthand_schema)
+
     tiers: list[TierConfig] = Field(min_length=1)
     timeout: TimeoutConfig | None = None
     retry: RetryConfig | None = None
@@ -313,6 +330,9 @@ class PolicyBlocks(Model):
 
 
 class RouteConfig(PolicyBlocks):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              json_schema_extra=_provider_shorthand_schema)
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     match: MatchConfig
     tiers: list[TierConfig] = Field(min_length=1)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import orjson
+import pytest
+import yaml
+
+from proxy.loader import _YamlLoader, json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "config" / "default.yaml"
@@ -109,13 +115,68 @@ def test_check_without_config_uses_the_packaged_default(tmp_path):
 
 
 def test_schema_prints_json_schema():
-    """``schema`` prints a JSON Schema document on stdout."""
+    """``schema`` prints a JSON Schema document on stdout, valid under the Draft 2020-12
+    meta-schema."""
     out = cli("schema")
     assert out.returncode == 0
     schema = orjson.loads(out.stdout)
     assert schema["title"] == "resilience-proxy configuration"
-    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert "routes" in schema["properties"]
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+SHIPPED = sorted([DEFAULT, *(ROOT / "config" / "examples").glob("*.yaml")])
+_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def rendered(path: Path) -> object:
+    """The file as an editor or a deploy step sees it once its variables are substituted
+    (``${VAR}`` with a placeholder, ``${VAR:-default}`` with its default), read with the
+    proxy's YAML 1.2 booleans (so ``on:`` stays a key)."""
+    text = _REF.sub(lambda m: m[2] if m[2] is not None else
+                    ("http://127.0.0.1:9" if m[1].endswith("URL") else "placeholder"),
+                    path.read_text())
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_configs_validate_against_the_printed_schema(path: Path):
+    """config/default.yaml and every example validate against ``schema``'s output, so the
+    schema an editor uses accepts what the proxy accepts (the ``provider:`` shorthand too)."""
+    schema = orjson.loads(cli("schema").stdout)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft202012Validator(schema).iter_errors(rendered(path))]
+    assert errors == []
+
+
+def test_schema_rejects_provider_and_tiers_together():
+    """The shorthand's schema says exactly one of ``provider`` and ``tiers``, as the loader does."""
+    schema = json_schema()
+    route = {"name": "r", "match": {"path_prefix": "/"}}
+    validator = jsonschema.Draft202012Validator(schema)
+    doc = {"providers": {"p": {"url": "mock://"}}, "routes": [route]}
+    assert not validator.is_valid(doc)
+    assert validator.is_valid({**doc, "routes": [{**route, "provider": "p"}]})
+    assert validator.is_valid({**doc, "routes": [{**route, "tiers": [{"provider": "p"}]}]})
+    assert not validator.is_valid({**doc, "routes": [{**route, "provider": "p",
+                                                      "tiers": [{"provider": "p"}]}]})
+
+
+@pytest.mark.parametrize("command", [["schema"], ["check", "-c", str(DEFAULT)]])
+def test_a_reader_that_stops_early_gets_no_traceback(command: list[str]):
+    """``check ... | head -1``: stdout's reader is gone before the output is written; the
+    command ends with status 1 and nothing on stderr (no BrokenPipeError traceback)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already gone: the first write fails with EPIPE
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RP_")}
+    try:
+        done = subprocess.run([sys.executable, "-m", "proxy", *command], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert done.stderr == ""
 
 
 def test_console_script_is_the_same_program():

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from proxy.config import Config
+from proxy.config_routes import _provider_shorthand_schema
 from tests.deploy_support import REPO
 
 DOCS = REPO / "docs"
@@ -40,6 +41,8 @@ def test_config_reference_is_in_sync_with_the_schema():
 def model_sections(model: type[BaseModel], path: str, out: dict[str, set[str]]) -> None:
     """YAML path -> keys, for every object of the config, walking the pydantic models."""
     out.setdefault(path, set())
+    if model.model_config.get("json_schema_extra") is _provider_shorthand_schema:
+        out[path].add("provider")  # input-only: `provider: p` is read as `tiers: [{provider: p}]`
     for name, info in model.model_fields.items():
         key = info.alias or name
         out[path].add(key)

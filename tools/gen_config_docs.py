@@ -212,6 +212,8 @@ class Doc:
     def section(self, path: str, obj: dict[str, Any], level: int) -> None:
         props: dict[str, Any] = obj.get("properties", {})
         required = set(obj.get("required", []))
+        # ``oneOf: [{required: [a]}, {required: [b]}]``: exactly one of a and b is required
+        either = [alt["required"][0] for alt in obj.get("oneOf", []) if len(alt.get("required", [])) == 1]
         lines = [f"{'#' * level} `{path}`" if path else f"{'#' * level} Top level", ""]
         intro = self.markdown(obj.get("description", "")) or NOTES.get(path.removesuffix("[]"), "")
         if path and path.removesuffix("[]") != path:
@@ -233,7 +235,12 @@ class Doc:
             self.paths.add(full)
             kind = self.kind(node)
             child = self.child_of(node)
-            default = "**required**" if key in required else self.default(node, kind)
+            if key in required:
+                default = "**required**"
+            elif key in either:
+                default = "**required** (or " + " or ".join(f"`{k}`" for k in either if k != key) + ")"
+            else:
+                default = self.default(node, kind)
             what = self.describe(full, node)
             if child is not None:
                 suffix, name = child
