@@ -39,7 +39,9 @@ class Metrics:
             "rp_upstream_attempts_total", "Upstream attempts by result (status class or error).",
             ["route", "provider", "tier", "result"], registry=r)
         self.upstream_duration = Histogram(
-            "rp_upstream_duration_seconds", "Duration of one upstream attempt to its first byte.",
+            "rp_upstream_duration_seconds",
+            "Duration of one upstream attempt: the whole reply when buffered, up to the first "
+            "chunk when streamed.",
             ["provider"], buckets=_LATENCY_BUCKETS, registry=r)
         self.retries = Counter("rp_retries_total", "Retries, by reason.", ["route", "reason"],
                                registry=r)
