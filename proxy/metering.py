@@ -4,13 +4,14 @@ An attempt-level stage, innermost (right around ``send``): it sees every reply a
 actually sent — a tier-1 answer that ``accept`` or ``validate`` rejects afterwards was still
 billed — and never an injected fault, which short-circuits above it.
 
-- **Usage and model** per ``format`` (read by :mod:`proxy.usage`): ``openai`` (chat completions: ``usage.prompt_tokens``/
-  ``completion_tokens``; responses API: ``usage.input_tokens``/``output_tokens``; streams:
-  the final usage chunk, or ``response.completed``), ``anthropic`` (``usage``, cache reads
-  and writes counted as input; streams: ``message_start`` input + ``message_delta``
-  output), ``gemini`` (``usageMetadata``, thoughts counted as output; ``modelVersion``),
-  ``generic`` (the provider's ``usage:`` JSON paths). The model that answered prices the
-  call: the reply's own model, else the tier's, else the request's.
+- **Usage and model** per ``format`` (read by :mod:`proxy.usage`): ``openai`` (chat
+  completions: ``usage.prompt_tokens``/``completion_tokens``; responses API:
+  ``usage.input_tokens``/``output_tokens``; streams: the final usage chunk, or
+  ``response.completed``), ``anthropic`` (``usage``, cache reads and writes counted as input;
+  streams: ``message_start`` input + ``message_delta`` output), ``gemini`` (``usageMetadata``,
+  thoughts counted as output; ``modelVersion``), ``generic`` (the provider's ``usage:`` JSON
+  paths). The model that answered prices the call: the reply's own model, else the tier's,
+  else the request's.
 - **No usage** in a 2xx reply or stream: input ≈ request bytes / 4, output ≈ answer text
   characters / 4, flagged ``usage.estimated`` (the log says ``tokens_estimated: true``). A
   call that was answered is never metered at $0 for want of a usage block.
