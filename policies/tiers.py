@@ -28,7 +28,8 @@ When no tier answered:
    error (502 ``upstream_error`` / ``invalid_response``, 504 ``timeout``);
 4. no tier was tried: the local rate limit's 429 (``rate_limited``, with ``Retry-After``)
    when that was the only reason, 503 ``circuit_open`` when every tier's circuit was
-   open, else 503 ``no_tier_available``.
+   open (with ``Retry-After``: the soonest any of them lets a call through), else 503
+   ``no_tier_available``.
 
 An open circuit or a refusal by the local rate limit does not count as a try: nothing was
 sent, so an earlier tier's real failure stays the answer.
@@ -56,8 +57,8 @@ _SKIPS = (CircuitOpen, RateLimited)
 class _Walk:
     """One request's way through the tiers."""
 
-    __slots__ = ("first_reason", "last", "last_tier", "limited", "pending", "rejected",
-                 "skipped")
+    __slots__ = ("first_reason", "last", "last_tier", "limited", "open_for_s", "pending",
+                 "rejected", "skipped")
 
     def __init__(self) -> None:
         self.first_reason: str | None = None  # why the first tier did not answer
@@ -66,6 +67,7 @@ class _Walk:
         self.last_tier: int | None = None
         self.rejected: Reply | None = None  # the latest reply that only failed accept
         self.limited: RateLimited | None = None
+        self.open_for_s: float | None = None  # the soonest an open circuit admits a call
         self.skipped: set[str] = set()
 
     def left(self, reason: str) -> None:
@@ -124,6 +126,9 @@ class Tiers:
                     walk.limited is None or (outcome.retry_after_s or 0.0)
                     < (walk.limited.retry_after_s or 0.0)):
                 walk.limited = outcome
+            elif isinstance(outcome, CircuitOpen) and outcome.retry_after_s is not None and (
+                    walk.open_for_s is None or outcome.retry_after_s < walk.open_for_s):
+                walk.open_for_s = outcome.retry_after_s
             return
         if isinstance(outcome, Rejected) and isinstance(outcome.reply, Reply):
             walk.rejected = outcome.reply
@@ -165,7 +170,7 @@ class Tiers:
         if walk.skipped == {"rate_limited"} and walk.limited is not None:
             raise walk.limited
         if walk.skipped == {"circuit_open"}:
-            raise CircuitOpen("every tier's circuit is open")
+            raise CircuitOpen("every tier's circuit is open", retry_after_s=walk.open_for_s)
         raise NoTierAvailable("no tier could take the request ("
                               + ", ".join(sorted(walk.skipped)) + ")")
 
