@@ -20,14 +20,14 @@ from multidict import CIMultiDict
 from proxy.call import Call, Reply
 from proxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError, Timeout, UpstreamError
 from proxy.metrics import status_class
-from proxy.protocol import HeaderTimeoutProtocol
+from proxy.protocol import SERVER_NAME, HeaderTimeoutProtocol
 
 if TYPE_CHECKING:
     from proxy.runtime import CompiledRoute, Runtime
     from proxy.server import ProxyServer
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_JSON_HEADERS = (("content-type", "application/json"),)
+_JSON_HEADERS = (("content-type", "application/json"), ("server", SERVER_NAME))
 
 
 class Overloaded(ProxyError):
@@ -111,7 +111,10 @@ class DataPlane:
             return await self._respond(request, call, reply, done)
         except ProxyError as exc:
             done.status, done.outcome, done.error = exc.status, exc.type, exc.message
-            return _error_response(exc, rid, route, call)
+            resp = _error_response(exc, rid, route, call)
+            if exc.status in (408, 413):  # the body was not read: the connection cannot go on
+                resp.force_close()
+            return resp
         except asyncio.CancelledError:
             done.status, done.outcome = 499, "client_disconnected"
             raise
@@ -198,10 +201,13 @@ class DataPlane:
         if route is not None:
             fallback = reply is not None and reply.fallback_reason is not None
             route.stats.observe(reply.tier if reply is not None else None, fallback, elapsed)
-        self._log.info("request", **_log_fields(request, route_name, call, done, rid, elapsed))
-        rt.active -= 1
-        if rt.retired and rt.active == 0:
-            self._server.close_retired(rt)
+        try:
+            self._log.info("request", **_log_fields(request, route_name, call, done, rid,
+                                                    elapsed))
+        finally:  # whatever happens, the runtime's count goes down (a retired one closes)
+            rt.active -= 1
+            if rt.retired and rt.active == 0:
+                self._server.close_retired(rt)
 
 
 async def _read_body(request: web.BaseRequest, limit: int, within_s: float) -> bytes:
@@ -231,17 +237,22 @@ async def _read_body(request: web.BaseRequest, limit: int, within_s: float) -> b
 
 
 _DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
+#: what some upstream servers take for a segment separator: "/", "\\" and their encodings
+_SEPARATORS = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
 
 
 def _has_dot_segment(path: str) -> bool:
-    """True when a segment is ``.`` or ``..`` (also percent-encoded): an upstream would
-    resolve it and could leave the route's prefix or the provider's base path."""
+    """True when a segment is ``.`` or ``..`` (also percent-encoded, also between
+    backslashes or encoded slashes, which some servers decode before resolving): an
+    upstream would resolve it and could leave the route's prefix or the provider's base
+    path."""
     if "." not in path and "%" not in path:
         return False
-    return any(seg.lower() in _DOT_SEGMENTS for seg in path.split("/"))
+    return any(seg.lower() in _DOT_SEGMENTS for seg in _SEPARATORS.split(path))
 
 
 def _annotate(headers: CIMultiDict[str], call: Call, reply: Reply) -> None:
+    headers["server"] = SERVER_NAME  # the proxy's answer: not the provider's banner
     headers["x-request-id"] = call.request_id
     headers["x-rp-route"] = call.route.name
     if reply.provider is not None:

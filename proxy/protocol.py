@@ -1,59 +1,138 @@
-"""The data plane's HTTP/1.1 connection: aiohttp's, plus a header-read timeout.
+"""The data plane's HTTP/1.1 connections: aiohttp's, plus what an edge proxy needs.
 
-aiohttp's server bounds an idle connection (``keepalive_timeout``) but not a client that
-sends a request's head slowly (slowloris). :class:`HeaderTimeoutProtocol` starts a timer at
-the first byte of each request head (like Envoy's ``request_headers_timeout``); when the
-head is still incomplete after ``server.header_read_timeout`` it answers ``408`` and closes
-the connection. The data plane tells the connection when a request's head is complete
-(:meth:`request_started`) and when its answer is done (:meth:`request_ended`). Bodies are
-bounded separately, by the request's ``total`` (:mod:`proxy.dataplane`).
+- **Header-read timeout** (slowloris). aiohttp bounds an idle connection
+  (``keepalive_timeout``) but not a client that sends a request's head slowly.
+  :class:`HeaderTimeoutProtocol` starts a timer at the first byte of each request head (like
+  Envoy's ``request_headers_timeout``); when the head is still incomplete after
+  ``server.header_read_timeout`` it answers ``408`` and closes the connection. Bodies are
+  bounded separately, by the request's ``total`` (:mod:`proxy.dataplane`); the bytes of a
+  body the proxy refused (a 413 being discarded) do not start the timer.
+- **Malformed requests**. aiohttp's parser refuses them (400, connection closed), but its own
+  error page quotes the offending bytes (which can hold a client's credential) and logs a
+  traceback. Here the answer is the proxy's JSON error with a fixed message, nothing of the
+  request is echoed or logged, and the server's ``on_rejected`` callback records it like
+  any request (one access-log line, one ``rp_requests_total``, route ``_none``); a head that
+  timed out is recorded the same way (outcome ``header_timeout``).
+- **Drain**. :meth:`DataServer.shutdown` waits for the requests in flight up to the drain
+  timeout, then cancels what is left within a short grace, so a drain is bounded by
+  ``drain_timeout`` plus about a second (aiohttp alone waits up to twice the timeout:
+  once for the handler, once more after cancelling its body). While draining, every answer
+  says ``Connection: close`` so no client reuses a connection that is about to close.
+
+Every answer carries ``server: resilience-proxy`` (never aiohttp's version banner).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+
+SERVER_NAME = "resilience-proxy"
+#: after the drain timeout, how long a cancelled handler gets to finish (aiohttp waits this
+#: twice: for the handler, then for its task)
+CANCEL_GRACE_S = 0.5
 
 _TIMEOUT_BODY = b'{"error": {"type": "request_timeout", "message": "request headers too slow"}}'
 _TIMEOUT_REPLY = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                  b"server: " + SERVER_NAME.encode() + b"\r\n"
                   b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
                   % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
 
+#: (status, outcome, reason, peer host or None): what the server records for a request the
+#: data plane never saw
+OnRejected = Callable[[int, str, str, str | None], None]
+
+
+def _reason(exc: BaseException | None) -> str:
+    """A fixed description of a parse error: aiohttp's message quotes the request's bytes."""
+    if isinstance(exc, LineTooLong):
+        return "a request line or header field is too long"
+    message = getattr(exc, "message", "") or ""
+    if message == "Too many headers received":
+        return "too many header fields"
+    return "malformed HTTP request"
+
+
+def _json_error(status: int, type_: str, message: str) -> web.Response:
+    body = orjson.dumps({"error": {"type": type_, "message": message, "request_id": None,
+                                   "route": None}})
+    resp = web.Response(status=status, body=body, content_type="application/json",
+                        headers={"server": SERVER_NAME})
+    resp.force_close()
+    return resp
+
 
 class HeaderTimeoutProtocol(RequestHandler):
-    """One client connection; closes it when a request head takes too long to arrive."""
+    """One client connection: a header-read timer, JSON parse errors, drain-aware."""
 
-    __slots__ = ("_rp_busy", "_rp_handle", "_rp_on_timeout", "_rp_timeout_s")
+    __slots__ = ("_rp_busy", "_rp_handle", "_rp_payload", "_rp_server", "_rp_timeout_s")
 
-    def __init__(self, manager: web.Server, *, header_read_timeout: float,
-                 on_timeout: Any = None, **kwargs: Any) -> None:
+    def __init__(self, manager: DataServer, *, header_read_timeout: float,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._rp_server = manager
         self._rp_timeout_s = header_read_timeout
         self._rp_handle: asyncio.TimerHandle | None = None
         self._rp_busy = False
-        self._rp_on_timeout = on_timeout
+        #: the body of the latest request (unread bytes of it are not a head)
+        self._rp_payload: StreamReader | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self._rp_server.draining
+
+    def _rp_awaiting_head(self) -> bool:
+        payload = self._rp_payload
+        return not self._rp_busy and (payload is None or payload.is_eof())
 
     def data_received(self, data: bytes) -> None:
-        if not self._rp_busy and self._rp_handle is None and self._rp_timeout_s > 0:
+        if self._rp_handle is None and self._rp_timeout_s > 0 and self._rp_awaiting_head():
             loop = asyncio.get_running_loop()
             self._rp_handle = loop.call_later(self._rp_timeout_s, self._rp_expired)
         super().data_received(data)
 
+    def request_arrived(self, payload: StreamReader) -> None:
+        """A request's head is complete (called by the server's request factory)."""
+        self._rp_busy = True
+        self._rp_payload = payload
+        self._cancel_timer()
+        self._rp_server.busy.add(self)
+
     def request_started(self) -> None:
-        """The head of a request is complete (the handler runs)."""
+        """The data plane's handler runs (the head is complete)."""
         self._rp_busy = True
         self._cancel_timer()
 
     def request_ended(self) -> None:
-        """The handler is done; the next byte starts the next head's timer."""
+        """The handler is done; the next head's first byte starts its timer."""
         self._rp_busy = False
+        self._rp_server.busy.discard(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timer()
+        self._rp_server.busy.discard(self)
         super().connection_lost(exc)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request its parser refused (or to a handler that raised):
+        the proxy's JSON error, no request bytes echoed, no traceback logged."""
+        if request.writer.output_size > 0:  # an answer already started: only closing is left
+            raise ConnectionError("response already started")
+        peer = request.remote
+        if isinstance(exc, HttpProcessingError):
+            reason = _reason(exc)
+            self._rp_server.rejected(status, "bad_request", reason, peer)
+            return _json_error(status, "bad_request", reason)
+        return _json_error(500, "internal_error", "internal error")
 
     def _cancel_timer(self) -> None:
         if self._rp_handle is not None:
@@ -62,7 +141,7 @@ class HeaderTimeoutProtocol(RequestHandler):
 
     def _rp_expired(self) -> None:
         self._rp_handle = None
-        if self._rp_busy:
+        if not self._rp_awaiting_head():
             return
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -70,23 +149,64 @@ class HeaderTimeoutProtocol(RequestHandler):
         peer = transport.get_extra_info("peername")
         transport.write(_TIMEOUT_REPLY)
         self.force_close()  # closes the transport once the 408 is flushed
-        if self._rp_on_timeout is not None:
-            self._rp_on_timeout(peer)
+        self._rp_server.rejected(408, "header_timeout", "request headers too slow",
+                                 str(peer[0]) if peer else None)
+
+
+class _DataRequest(web.BaseRequest):
+    """A data-plane request: not kept alive once the server drains."""
+
+    @property
+    def keep_alive(self) -> bool:
+        proto = self.protocol
+        if isinstance(proto, HeaderTimeoutProtocol) and proto.draining:
+            return False
+        return bool(super().keep_alive)
 
 
 class DataServer(web.Server):
     """aiohttp's low-level server whose connections are :class:`HeaderTimeoutProtocol`."""
 
-    def __init__(self, handler: Any, *, header_read_timeout: float, on_header_timeout: Any = None,
-                 handler_cancellation: bool = False, **kwargs: Any) -> None:
-        super().__init__(handler, handler_cancellation=handler_cancellation, **kwargs)
+    def __init__(self, handler: Any, *, header_read_timeout: float,
+                 on_rejected: OnRejected | None = None, handler_cancellation: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, handler_cancellation=handler_cancellation,
+                         request_factory=self._rp_make_request, **kwargs)
         self._rp_protocol_kwargs = kwargs
         self._rp_header_read_timeout = header_read_timeout
-        self._rp_on_header_timeout = on_header_timeout
+        self._rp_on_rejected = on_rejected
+        #: connections with a request in flight
+        self.busy: set[HeaderTimeoutProtocol] = set()
+        self.draining = False
 
     def __call__(self) -> RequestHandler:
         return HeaderTimeoutProtocol(
             self, loop=asyncio.get_running_loop(),
-            header_read_timeout=self._rp_header_read_timeout,
-            on_timeout=self._rp_on_header_timeout, **self._rp_protocol_kwargs,
+            header_read_timeout=self._rp_header_read_timeout, **self._rp_protocol_kwargs,
         )
+
+    def _rp_make_request(self, message: Any, payload: StreamReader, protocol: RequestHandler,
+                         writer: Any, task: asyncio.Task[None]) -> web.BaseRequest:
+        if isinstance(protocol, HeaderTimeoutProtocol):
+            protocol.request_arrived(payload)
+        return _DataRequest(message, payload, protocol, writer, task,
+                            asyncio.get_running_loop())
+
+    def rejected(self, status: int, outcome: str, reason: str, peer: str | None) -> None:
+        if self._rp_on_rejected is not None:
+            self._rp_on_rejected(status, outcome, reason, peer)
+
+    def pre_shutdown(self) -> None:
+        """Stop keeping connections alive; idle ones are closed now."""
+        self.draining = True
+        super().pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp)
+        """Wait up to ``timeout`` seconds for the requests in flight, then cancel the rest
+        (bounded: ``timeout`` + 2 × :data:`CANCEL_GRACE_S`)."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (timeout or 0.0)
+        while self.busy and loop.time() < end:  # noqa: ASYNC110 (a poll: no event to wait on)
+            await asyncio.sleep(0.02)
+        await super().shutdown(CANCEL_GRACE_S)

@@ -6,13 +6,20 @@
   its last request ends.
 - Shutdown (``SIGTERM``): stop accepting, let in-flight requests finish up to
   ``drain_timeout``, flush what policies registered as ``flush`` hooks, close, exit 0.
+  The whole of it is bounded: in-flight requests still running at ``drain_timeout`` are
+  cancelled (within twice :data:`~proxy.protocol.CANCEL_GRACE_S`), and the flush and the
+  closes share :data:`FINISH_S` more. A watchdog armed by the signal ends the process
+  (exit 1, ``shutdown_forced``) if anything still holds it :data:`WATCHDOG_SLACK_S` after
+  that (e.g. a stuck thread of the event loop's executor, which ``asyncio.run`` joins).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
+import threading
 from typing import Any
 
 from aiohttp import web
@@ -22,11 +29,18 @@ from proxy.clock import Clock, SystemClock
 from proxy.context import Deps, Keeper
 from proxy.dataplane import DataPlane
 from proxy.loader import ConfigError, LoadedConfig, load_config
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, status_class
 from proxy.mock import MockProvider, start_mock
-from proxy.protocol import DataServer
+from proxy.protocol import CANCEL_GRACE_S, DataServer
 from proxy.runtime import Runtime, build_runtime
 from proxy.state.backend import StateBackend
+
+#: seconds after the drain for the flush hooks and the closes, together
+FINISH_S = 3.0
+#: the watchdog's margin past drain + finish before it ends a process that did not exit
+WATCHDOG_SLACK_S = 2.0
+#: the admin plane's own drain (its requests are short: status, metrics, reload)
+_ADMIN_DRAIN_S = 1.0
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -69,6 +83,8 @@ class ProxyServer:
         #: the live runtime's background loops (registry kind ``task``)
         self._runtime_tasks: list[asyncio.Task[Any]] = []
         self.dataplane: DataPlane | None = None
+        self.lowlevel: DataServer | None = None
+        self.draining = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -83,11 +99,11 @@ class ProxyServer:
         self._start_tasks()
         self.dataplane = DataPlane(self)
         s = cfg.server
-        lowlevel = DataServer(
+        lowlevel = self.lowlevel = DataServer(
             self.dataplane, handler_cancellation=True, access_log=None,
             max_field_size=s.max_header_size, max_line_size=s.max_header_size,
             keepalive_timeout=s.keepalive_timeout, header_read_timeout=s.header_read_timeout,
-            on_header_timeout=self._header_timeout,
+            on_rejected=self._rejected,
         )
         self._data_runner = web.ServerRunner(lowlevel, shutdown_timeout=s.drain_timeout)
         await self._data_runner.setup()
@@ -96,7 +112,8 @@ class ProxyServer:
         self.data_url = _url(self._data_runner)
         from proxy.admin import admin_app
 
-        self._admin_runner = web.AppRunner(admin_app(self), access_log=None)
+        self._admin_runner = web.AppRunner(admin_app(self), access_log=None,
+                                           shutdown_timeout=_ADMIN_DRAIN_S)
         await self._admin_runner.setup()
         host, port = _split(admin_listen or s.admin_listen)
         await web.TCPSite(self._admin_runner, host, port, reuse_port=reuse_port).start()
@@ -104,33 +121,92 @@ class ProxyServer:
         self.deps.log.info("started", listen=self.data_url, admin=self.admin_url,
                            config=self.loaded.path, routes=len(cfg.routes))
 
-    def _header_timeout(self, peer: Any) -> None:
-        self.deps.log.info("header_read_timeout", peer=str(peer[0]) if peer else None)
+    def _rejected(self, status: int, outcome: str, reason: str, peer: str | None) -> None:
+        """A request the data plane never saw (its head was malformed, or too slow): one
+        access-log line and one ``rp_requests_total``, route ``_none``."""
+        m = self.deps.metrics
+        m.requests.labels("_none", status_class(status), outcome).inc()
+        m.request_duration.labels("_none").observe(
+            self.loaded.config.server.header_read_timeout if outcome == "header_timeout" else 0.0)
+        self.deps.log.info(
+            "request", request_id=os.urandom(12).hex(), route="_none", method=None, path=None,
+            status=status, outcome=outcome, provider=None, used_model=None,
+            prompt_version=None, tier=None, attempts=0, cache=None, canary=None, cost_usd=None,
+            tokens=None, t_queue=0.0, t_cache=0.0, t_upstream_first_byte=None,
+            t_upstream_total=0.0, t_total=0.0, error=reason, peer=peer)
 
     async def stop(self) -> None:
-        """Drain and close: in-flight requests get up to ``drain_timeout`` to finish."""
-        self.deps.log.info("draining", in_flight=self.dataplane.in_flight if self.dataplane else 0)
+        """Drain and close, bounded: in-flight requests get up to ``drain_timeout`` to finish
+        (then they are cancelled), the flush hooks and the closes :data:`FINISH_S` more."""
+        loop = asyncio.get_running_loop()
+        self.draining = True
+        self.deps.log.info("draining", in_flight=self.dataplane.in_flight if self.dataplane else 0,
+                           drain_timeout_s=self.loaded.config.server.drain_timeout)
         if self._data_runner is not None:
-            await self._data_runner.cleanup()  # stops accepting, waits for handlers
-        await self._run_hooks("flush")
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-        if self.runtime is not None:
-            await self.runtime.close()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            await self._data_runner.cleanup()  # stops accepting, drains, cancels the rest
+        finish_by = loop.time() + FINISH_S
+        await self._bounded("flush", self._run_hooks("flush"), finish_by)
         for task in list(self._tasks):
             task.cancel()
-        await self.deps.state.close()
+        if self._tasks:
+            await self._bounded("tasks", asyncio.gather(*self._tasks, return_exceptions=True),
+                                finish_by)
+        if self._admin_runner is not None:
+            await self._bounded("admin", self._admin_runner.cleanup(), finish_by)
+        if self.runtime is not None:
+            await self._bounded("runtime", self.runtime.close(), finish_by)
+        if self._closing:
+            await self._bounded("retired", asyncio.gather(*self._closing,
+                                                          return_exceptions=True), finish_by)
+        await self._bounded("state", self.deps.state.close(), finish_by)
         if self._mock_runner is not None:
-            await self._mock_runner.cleanup()
-        self.deps.log.info("stopped")
+            await self._bounded("mock", self._mock_runner.cleanup(), finish_by)
+        self.deps.log.info("stopped", requests_total=self.requests_total())
+
+    async def _bounded(self, step: str, aw: Any, by: float) -> None:
+        """Await ``aw`` until loop time ``by`` (at least a moment); log a step that was cut."""
+        left = max(by - asyncio.get_running_loop().time(), 0.05)
+        try:
+            async with asyncio.timeout(left):
+                await aw
+        except TimeoutError:
+            self.deps.log.warning("shutdown_step_cut", step=step, after_s=round(left, 3))
+        except Exception as exc:
+            self.deps.log.error("shutdown_step_failed", step=step, error=type(exc).__name__)
+
+    def requests_total(self) -> int:
+        """Requests this process answered: ``rp_requests_total`` summed over its labels."""
+        return int(sum(sample.value for metric in self.deps.metrics.requests.collect()
+                       for sample in metric.samples if sample.name == "rp_requests_total"))
 
     def install_signal_handlers(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+
+        def terminate() -> None:
+            if not stop.is_set():
+                self._arm_watchdog()
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+        loop.add_signal_handler(signal.SIGINT, terminate)
+
+    def _arm_watchdog(self) -> None:
+        """Past drain + cancel grace + finish + slack, end the process (exit 1) whatever
+        still holds it; a daemon thread, so a process that exits in time never waits on it."""
+        limit_s = (self.loaded.config.server.drain_timeout + 2 * CANCEL_GRACE_S + FINISH_S
+                   + WATCHDOG_SLACK_S)
+        log = self.deps.log
+
+        def fire() -> None:
+            try:
+                log.error("shutdown_forced", after_s=limit_s)
+            finally:
+                os._exit(1)
+
+        timer = threading.Timer(limit_s, fire)
+        timer.daemon = True
+        timer.start()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a background task the server keeps a reference to and cancels on stop."""
@@ -207,8 +283,9 @@ class ProxyServer:
     # ---------------------------------------------------------------- readiness
 
     def ready(self) -> tuple[bool, list[str]]:
+        """Ready: a config is loaded, no fail-closed feature is blind, not draining."""
         blind = sorted(self.deps.state.blind)
-        return (self.runtime is not None and not blind), blind
+        return (self.runtime is not None and not blind and not self.draining), blind
 
 
 def _url(runner: web.BaseRunner) -> str:
