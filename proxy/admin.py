@@ -1,8 +1,14 @@
 """The admin plane (``server.admin_listen``): health, metrics, status and operator actions.
 
-``/healthz``, ``/readyz`` and ``/metrics`` are open (probes and scrapers); everything under
-``/admin/`` needs ``Authorization: Bearer <admin_token>`` when a token is configured.
-Mutations are POST only (a GET answers 405).
+``/healthz``, ``/readyz`` and ``/metrics`` are open (probes and scrapers); everything else
+needs ``Authorization: Bearer <admin_token>`` when a token is configured. The decision is
+made on the route the router resolved, not on the path's spelling, so no case, encoding,
+dot-segment or double-slash trick reaches an action without the token, and an unknown path
+is a 401 too (nothing to probe). Mutations are POST only (a GET answers 405), and a browser
+cannot be made to send one: a POST whose ``Origin`` is not this host, or whose
+``Sec-Fetch-Site`` says another site, is refused (403). Without a token, a POST is accepted
+only for a ``Host`` that is an IP address or ``localhost``, so a DNS-rebinding page cannot
+reach the actions through a name it controls.
 
 ``GET /admin/`` is the live status page (``proxy/static/status.html``): a static page with no
 data in it, served without the token so that a browser can open it; it asks for the token,
@@ -19,9 +25,12 @@ Policies expose what the admin plane acts on through the runtime's registry:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
+import os
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -30,8 +39,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from proxy.errors import ProxyError
+from proxy.protocol import SERVER_NAME
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -51,6 +62,43 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATUS_PAGE_PATH = "/admin/"
 STATUS_PAGE_FILE = Path(__file__).with_name("static") / "status.html"
+#: routes anyone who reaches the admin listener may read (probes, scrapers, the static page)
+OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", STATUS_PAGE_PATH})
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _route_of(request: web.Request) -> str | None:
+    """The canonical path of the route the router resolved (None: no route matched)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
+
+
+def _is_local_host(host: str) -> bool:
+    """``Host`` is an IP address or ``localhost`` (with or without a port)."""
+    name = URL(f"http://{host}").host if host else None
+    if not name:
+        return False
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _cross_site(request: web.Request) -> bool:
+    """A browser sent this on behalf of another page (CSRF): ``Sec-Fetch-Site`` says so, or
+    ``Origin`` names another host than the one the request was sent to."""
+    if request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    try:
+        return origin == "null" or URL(origin).raw_authority.lower() != request.host.lower()
+    except ValueError:
+        return True
 
 
 def _status_page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -82,10 +130,16 @@ def admin_app(server: ProxyServer) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         token = server.loaded.config.server.admin_token
-        if token and request.path.startswith("/admin") and request.path != STATUS_PAGE_PATH:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return _error(401, "unauthorized", "admin token required")
+        if _route_of(request) not in OPEN_ROUTES:
+            if token:
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                    return _error(401, "unauthorized", "admin token required")
+            elif request.method not in _SAFE_METHODS and not _is_local_host(request.host):
+                return _error(403, "forbidden", "without server.admin_token, admin actions "
+                              "are accepted only for a Host that is an IP address or localhost")
+        if request.method not in _SAFE_METHODS and _cross_site(request):
+            return _error(403, "forbidden", "admin actions are not accepted from a web page")
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -100,6 +154,7 @@ def admin_app(server: ProxyServer) -> web.Application:
             return _error(exc.status, exc.type, exc.message)
 
     app = web.Application(middlewares=[guard], client_max_size=1024**2)
+    app.on_response_prepare.append(_server_header)
     app[SERVER_KEY] = server
     h = _Handlers(server)
     app.router.add_get("/healthz", h.healthz)
@@ -113,6 +168,10 @@ def admin_app(server: ProxyServer) -> web.Application:
     app.router.add_get("/admin/canary/{route}/report", h.canary_report)
     app.router.add_post("/admin/circuit/{provider}/reset", h.circuit_reset)
     return app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["server"] = SERVER_NAME  # not aiohttp's version banner
 
 
 class _Handlers:
@@ -153,7 +212,20 @@ class _Handlers:
             "config": {"path": loaded.path, "sha256": loaded.sha256,
                        "loaded_at": datetime.fromtimestamp(loaded.loaded_at, UTC).isoformat()},
             "routes": routes, "providers": providers, "budgets": budgets,
+            "process": self._process(),
         })
+
+    def _process(self) -> dict[str, Any]:
+        """Cheap liveness figures for soak tests and leak hunts (flat under steady load)."""
+        server = self.server
+        lowlevel = server.lowlevel
+        return {
+            "pid": os.getpid(),
+            "asyncio_tasks": len(asyncio.all_tasks()),
+            "client_connections": len(lowlevel.connections) if lowlevel is not None else 0,
+            "in_flight": server.dataplane.in_flight if server.dataplane is not None else 0,
+            "draining": server.draining,
+        }
 
     async def reload(self, request: web.Request) -> web.Response:
         errors = await self.server.reload()
