@@ -320,6 +320,11 @@ class PrometheusServer:
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    async def ready(self, http: aiohttp.ClientSession) -> bool:
+        """Prometheus answers 503 until its storage and rules are loaded (slow on a busy host)."""
+        async with http.get(self.url + "/-/ready") as resp:
+            return resp.status == 200
+
     async def query(self, http: aiohttp.ClientSession, promql: str) -> list[dict[str, Any]]:
         """An instant query through the HTTP API; fails on a PromQL error."""
         async with http.get(self.url + "/api/v1/query", params={"query": promql}) as resp:
@@ -334,7 +339,7 @@ class PrometheusServer:
         while True:
             assert self.proc.poll() is None, (self.dir / "prometheus.log").read_text()
             try:
-                result = await self.query(http, promql)
+                result = await self.query(http, promql) if await self.ready(http) else []
             except aiohttp.ClientConnectionError:
                 result = []
             if result:
