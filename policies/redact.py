@@ -28,6 +28,7 @@ The originals are never logged.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from typing import Any
 
@@ -73,17 +74,48 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+#: a digit's Luhn contribution when doubled
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+_DIGIT_GROUP = re.compile(_D + "+")
+
+
+def _luhn_sums(digits: str) -> tuple[list[int], list[int]]:
+    """Prefix sums of Luhn contributions, for spans whose last digit has an even / an odd
+    index: ``digits[a:b]`` is Luhn-valid iff ``(sums[(b-1) & 1][b] - ...[a]) % 10 == 0``.
+    (Each span's check is O(1): a run of 19 one-digit groups, "1 1 1 ...", has ~50 spans,
+    and a body of them must not cost seconds.)"""
+    even, odd = [0], [0]  # the span's last digit at an even index: odd indices are doubled
+    for p, ch in enumerate(digits):
+        d = ord(ch) - 48
+        if p & 1:
+            even.append(even[-1] + _DOUBLED[d])
+            odd.append(odd[-1] + d)
+        else:
+            even.append(even[-1] + d)
+            odd.append(odd[-1] + _DOUBLED[d])
+    return even, odd
+
+
 def _mask_cards(text: str, counts: dict[str, int]) -> str:
     """Mask Luhn-valid card numbers; a candidate run is searched group-aligned, so
     "ref 1 4111 1111 1111 1111" still masks the card that follows the stray digit."""
     def repl(m: re.Match[str]) -> str:
         run = m.group()
-        groups = [(g.start(), g.end()) for g in re.finditer(_D + "+", run)]
+        groups = [(g.start(), g.end()) for g in _DIGIT_GROUP.finditer(run)]
+        starts, ends, n = [], [], 0  # each group's span in the run's digits
+        for start, end in groups:
+            starts.append(n)
+            n += end - start
+            ends.append(n)
+        sums = _luhn_sums("".join(run[start:end] for start, end in groups))
         out, pos, i = [], 0, 0
         while i < len(groups):
-            for j in range(len(groups) - 1, i - 1, -1):
-                digits = re.sub("[^0-9]", "", run[groups[i][0]:groups[j][1]])
-                if 13 <= len(digits) <= 19 and luhn_valid(digits):
+            a = starts[i]
+            # only the groups j whose span from i holds 13..19 digits, longest first
+            for j in range(bisect_right(ends, a + 19) - 1, bisect_left(ends, a + 13) - 1, -1):
+                b = ends[j]
+                prefix = sums[(b - 1) & 1]
+                if (prefix[b] - prefix[a]) % 10 == 0:
                     out.append(run[pos:groups[i][0]])
                     out.append("[REDACTED:card_number]")
                     counts["card_number"] = counts.get("card_number", 0) + 1

@@ -7,12 +7,14 @@ already arrived: that is the commit point after which nothing is retried).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from multidict import CIMultiDictProxy
+
+from proxy.errors import BadRequest
 
 if TYPE_CHECKING:
     from aiohttp import ClientResponse
@@ -173,12 +175,24 @@ class Call:
         return self.deadline - self.clock.monotonic()
 
     def json(self) -> Any:
-        """The request body parsed as JSON once, or None when it is not JSON."""
+        """The request body parsed as JSON once, or None when it is not JSON.
+
+        Raises :class:`~proxy.errors.BadRequest` (400) for a document nested deeper than
+        :data:`MAX_JSON_DEPTH`: it could not be written back (redaction, a tier's model, a
+        cache key), and no API takes one. (Past 1024 levels orjson does not parse it: not
+        JSON, the body passes as bytes.)"""
         if self._json is _UNSET:
             try:
                 self._json = orjson.loads(self.body) if self.body else None
             except orjson.JSONDecodeError:
                 self._json = None
+            body = self.body
+            # the walk only for a body with enough brackets to be that deep (a C-speed count)
+            if (self._json is not None
+                    and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
+                    and _deeper_than(self._json, MAX_JSON_DEPTH)):
+                self._json = None
+                raise BadRequest(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
         return self._json
 
     def set_json(self, value: Any) -> None:
@@ -189,3 +203,24 @@ class Call:
 
 
 Handler = Callable[[Call], Awaitable[Reply]]
+
+#: the deepest JSON document the proxy reads: what orjson can encode again
+MAX_JSON_DEPTH = 254
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """True when ``doc`` nests more than ``limit`` containers (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
