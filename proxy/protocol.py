@@ -14,10 +14,11 @@
   any request (one access-log line, one ``rp_requests_total``, route ``_none``); a head that
   timed out is recorded the same way (outcome ``header_timeout``).
 - **Drain**. :meth:`DataServer.shutdown` waits for the requests in flight up to the drain
-  timeout, then cancels what is left within a short grace, so a drain is bounded by
-  ``drain_timeout`` plus about a second (aiohttp alone waits up to twice the timeout:
-  once for the handler, once more after cancelling its body). While draining, every answer
-  says ``Connection: close`` so no client reuses a connection that is about to close.
+  timeout, then closes the connections still busy (their handlers are cancelled and log
+  their line) within a short grace, so a drain is bounded by ``drain_timeout`` plus a
+  fraction of a second (aiohttp alone waits up to twice the timeout: once for the handler,
+  once more after cancelling its body). While draining, every answer says
+  ``Connection: close`` so no client reuses a connection that is about to close.
 
 Every answer carries ``server: resilience-proxy`` (never aiohttp's version banner).
 """
@@ -35,8 +36,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 SERVER_NAME = "resilience-proxy"
-#: after the drain timeout, how long a cancelled handler gets to finish (aiohttp waits this
-#: twice: for the handler, then for its task)
+#: after the drain timeout, how long cancelled handlers get to finish (log their line)
 CANCEL_GRACE_S = 0.5
 
 _TIMEOUT_BODY = b'{"error": {"type": "request_timeout", "message": "request headers too slow"}}'
@@ -168,13 +168,15 @@ class DataServer(web.Server):
     """aiohttp's low-level server whose connections are :class:`HeaderTimeoutProtocol`."""
 
     def __init__(self, handler: Any, *, header_read_timeout: float,
-                 on_rejected: OnRejected | None = None, handler_cancellation: bool = False,
-                 **kwargs: Any) -> None:
+                 on_rejected: OnRejected | None = None, in_flight: Callable[[], int] | None = None,
+                 handler_cancellation: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, handler_cancellation=handler_cancellation,
                          request_factory=self._rp_make_request, **kwargs)
         self._rp_protocol_kwargs = kwargs
         self._rp_header_read_timeout = header_read_timeout
         self._rp_on_rejected = on_rejected
+        #: handlers running (the data plane's count): cancelled ones are waited for
+        self._rp_in_flight = in_flight or (lambda: len(self.busy))
         #: connections with a request in flight
         self.busy: set[HeaderTimeoutProtocol] = set()
         self.draining = False
@@ -202,11 +204,17 @@ class DataServer(web.Server):
         super().pre_shutdown()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp)
-        """Wait up to ``timeout`` seconds for the requests in flight, then cancel the rest
-        (bounded: ``timeout`` + 2 × :data:`CANCEL_GRACE_S`)."""
+        """Wait up to ``timeout`` seconds for the requests in flight, then close the
+        connections still busy and give their cancelled handlers :data:`CANCEL_GRACE_S` to
+        finish (bounded: ``timeout`` + about :data:`CANCEL_GRACE_S`)."""
         self.draining = True
         loop = asyncio.get_running_loop()
         end = loop.time() + (timeout or 0.0)
         while self.busy and loop.time() < end:  # noqa: ASYNC110 (a poll: no event to wait on)
             await asyncio.sleep(0.02)
-        await super().shutdown(CANCEL_GRACE_S)
+        for proto in list(self.busy):  # past the drain: their handlers are cancelled
+            proto.force_close()
+        end = loop.time() + CANCEL_GRACE_S
+        while self._rp_in_flight() and loop.time() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await super().shutdown(CANCEL_GRACE_S)  # what is left: idle or lingering connections

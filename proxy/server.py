@@ -7,8 +7,8 @@
 - Shutdown (``SIGTERM``): stop accepting, let in-flight requests finish up to
   ``drain_timeout``, flush what policies registered as ``flush`` hooks, close, exit 0.
   The whole of it is bounded: in-flight requests still running at ``drain_timeout`` are
-  cancelled (within twice :data:`~proxy.protocol.CANCEL_GRACE_S`), and the flush and the
-  closes share :data:`FINISH_S` more. A watchdog armed by the signal ends the process
+  cancelled (within :data:`~proxy.protocol.CANCEL_GRACE_S`), and the flush and the closes
+  share :data:`FINISH_S` more. A watchdog armed by the signal ends the process
   (exit 1, ``shutdown_forced``) if anything still holds it :data:`WATCHDOG_SLACK_S` after
   that (e.g. a stuck thread of the event loop's executor, which ``asyncio.run`` joins).
 """
@@ -103,7 +103,7 @@ class ProxyServer:
             self.dataplane, handler_cancellation=True, access_log=None,
             max_field_size=s.max_header_size, max_line_size=s.max_header_size,
             keepalive_timeout=s.keepalive_timeout, header_read_timeout=s.header_read_timeout,
-            on_rejected=self._rejected,
+            on_rejected=self._rejected, in_flight=self._in_flight,
         )
         self._data_runner = web.ServerRunner(lowlevel, shutdown_timeout=s.drain_timeout)
         await self._data_runner.setup()
@@ -120,6 +120,9 @@ class ProxyServer:
         self.admin_url = _url(self._admin_runner)
         self.deps.log.info("started", listen=self.data_url, admin=self.admin_url,
                            config=self.loaded.path, routes=len(cfg.routes))
+
+    def _in_flight(self) -> int:
+        return self.dataplane.in_flight if self.dataplane is not None else 0
 
     def _rejected(self, status: int, outcome: str, reason: str, peer: str | None) -> None:
         """A request the data plane never saw (its head was malformed, or too slow): one
