@@ -13,12 +13,15 @@
   request is echoed or logged, and the server's ``on_rejected`` callback records it like
   any request (one access-log line, one ``rp_requests_total``, route ``_none``); a head that
   timed out is recorded the same way (outcome ``header_timeout``).
-- **Drain**. :meth:`DataServer.shutdown` waits for the requests in flight up to the drain
-  timeout, then closes the connections still busy (their handlers are cancelled and log
-  their line) within a short grace, so a drain is bounded by ``drain_timeout`` plus a
-  fraction of a second (aiohttp alone waits up to twice the timeout: once for the handler,
-  once more after cancelling its body). While draining, every answer says
-  ``Connection: close`` so no client reuses a connection that is about to close.
+- **Drain** (Envoy's way for HTTP/1.1). The listener stops accepting; requests that arrive on
+  connections already open are still served, each answer saying ``Connection: close``, so a
+  client learns to reconnect instead of writing into a connection closed under it (the
+  request it had just sent would be lost). Idle connections are closed once nothing is in
+  flight and :data:`IDLE_GRACE_S` has passed. :meth:`DataServer.shutdown` waits so up to the
+  drain timeout, then closes the connections still busy (their handlers are cancelled and
+  log their line) within :data:`CANCEL_GRACE_S`: a drain is bounded by ``drain_timeout``
+  plus a fraction of a second (aiohttp alone waits up to twice the timeout: once for the
+  handler, once more after cancelling its body).
 
 Every answer carries ``server: resilience-proxy`` (never aiohttp's version banner).
 """
@@ -38,6 +41,8 @@ from aiohttp.web_protocol import RequestHandler
 SERVER_NAME = "resilience-proxy"
 #: after the drain timeout, how long cancelled handlers get to finish (log their line)
 CANCEL_GRACE_S = 0.5
+#: how long a drain keeps idle keep-alive connections open for a request already on its way
+IDLE_GRACE_S = 0.5
 
 _TIMEOUT_BODY = b'{"error": {"type": "request_timeout", "message": "request headers too slow"}}'
 _TIMEOUT_REPLY = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
@@ -199,9 +204,8 @@ class DataServer(web.Server):
             self._rp_on_rejected(status, outcome, reason, peer)
 
     def pre_shutdown(self) -> None:
-        """Stop keeping connections alive; idle ones are closed now."""
+        """Stop keeping connections alive (idle ones are closed by :meth:`shutdown`)."""
         self.draining = True
-        super().pre_shutdown()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp)
         """Wait up to ``timeout`` seconds for the requests in flight, then close the
@@ -209,9 +213,13 @@ class DataServer(web.Server):
         finish (bounded: ``timeout`` + about :data:`CANCEL_GRACE_S`)."""
         self.draining = True
         loop = asyncio.get_running_loop()
-        end = loop.time() + (timeout or 0.0)
-        while self.busy and loop.time() < end:  # noqa: ASYNC110 (a poll: no event to wait on)
+        now = loop.time()
+        end = now + (timeout or 0.0)
+        idle_from = min(now + IDLE_GRACE_S, end)
+        while loop.time() < end and (  # noqa: ASYNC110 (a poll: no event to wait on)
+                self.busy or (self.connections and loop.time() < idle_from)):
             await asyncio.sleep(0.02)
+        super().pre_shutdown()  # idle connections: closed now
         for proto in list(self.busy):  # past the drain: their handlers are cancelled
             proto.force_close()
         end = loop.time() + CANCEL_GRACE_S

@@ -40,7 +40,7 @@ FINISH_S = 3.0
 #: the watchdog's margin past drain + finish before it ends a process that did not exit
 WATCHDOG_SLACK_S = 2.0
 #: the admin plane's own drain (its requests are short: status, metrics, reload)
-_ADMIN_DRAIN_S = 1.0
+_ADMIN_DRAIN_S = 0.25
 
 
 def _split(listen: str) -> tuple[str, int]:
