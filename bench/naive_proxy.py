@@ -1,7 +1,7 @@
 """A naive aiohttp + uvloop pass-through: the floor any Python proxy hop pays.
 
 No policies, no logs, no metrics: read the request, send it to the upstream on one pooled
-session, buffer the answer, send it back. ``python bench/naive_proxy.py LISTEN UPSTREAM``.
+session, buffer the answer (an SSE stream is relayed chunk by chunk), send it back. ``python bench/naive_proxy.py LISTEN UPSTREAM``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,15 @@ def main(listen: str, upstream: str) -> None:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in DROP}
         async with session.request(request.method, upstream + request.path_qs, headers=headers,
                                    data=await request.read(), allow_redirects=False) as resp:
-            body = await resp.read()
             out = {k: v for k, v in resp.headers.items() if k.lower() not in DROP}
-            return web.Response(status=resp.status, body=body, headers=out)
+            if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                return web.Response(status=resp.status, body=await resp.read(), headers=out)
+            stream = web.StreamResponse(status=resp.status, headers=out)  # SSE: chunk by chunk
+            await stream.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await stream.write(chunk)
+            await stream.write_eof()
+            return stream
 
     async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
         app["session"] = aiohttp.ClientSession()

@@ -131,6 +131,8 @@ class BudgetStage:
     def _settle(self, holds: list[Hold], call: Call, reply: Reply) -> Any:
         counted = (reply.source == "provider" and reply.status < 400) or call.spent_usd > 0
         tasks = [h.budget.finish(h, call.spent_usd, counted, call.request_id) for h in holds]
+        if len(tasks) == 1:  # the usual case: no gather future on top of the task
+            return asyncio.shield(tasks[0])
         return asyncio.shield(asyncio.gather(*tasks))
 
     def _release(self, holds: list[Hold], call: Call) -> None:

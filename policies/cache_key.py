@@ -21,40 +21,44 @@ import orjson
 from proxy.call import Call
 from proxy.config import CacheKeyConfig
 
-
-def _part(h: Any, data: bytes) -> None:
-    h.update(len(data).to_bytes(8, "big"))
-    h.update(data)
+#: sha256 over this, then each part as its 8-byte big-endian length and its bytes
+_KEY_PREFIX = b"rp-cache-key-1"
 
 
 class CacheKey:
     """Builds a request's cache key (hex sha256); compiled once per route."""
 
-    __slots__ = ("_body", "_credentials", "_headers", "_ignore", "_route")
+    __slots__ = ("_body", "_credentials", "_headers", "_ignore", "_names", "_route",
+                 "_route_part")
 
     def __init__(self, route: str, cfg: CacheKeyConfig, credentials: Iterable[str] = ()) -> None:
         self._route = route.encode()
+        self._route_part = len(self._route).to_bytes(8, "big") + self._route
         self._body = cfg.body
         self._headers = tuple(cfg.headers)
         self._ignore = tuple(tuple(p.split(".")) for p in cfg.ignore_json_fields)
         self._credentials = tuple(sorted(credentials))
+        self._names = self._headers + self._credentials
 
     def __call__(self, call: Call) -> str:
-        h = hashlib.sha256(b"rp-cache-key-1")
+        # every part length-prefixed, hashed in one call
+        parts = [_KEY_PREFIX]
         for text in (call.method, call.path, call.query, call.arm.name, call.client_id or ""):
-            _part(h, text.encode(errors="surrogatepass"))
-        _part(h, self._route)
-        for name in self._headers + self._credentials:
-            values = call.headers.getall(name, None)
-            _part(h, b"-" if values is None else
-                  b"+" + "\x00".join(values).encode(errors="surrogatepass"))
+            data = text.encode(errors="surrogatepass")
+            parts += (len(data).to_bytes(8, "big"), data)
+        parts.append(self._route_part)
+        headers = call.headers
+        for name in self._names:
+            values = headers.getall(name, None)
+            data = b"-" if values is None else \
+                b"+" + "\x00".join(values).encode(errors="surrogatepass")
+            parts += (len(data).to_bytes(8, "big"), data)
         if self._body:
-            data = call.json()
-            if data is None:
-                _part(h, b"raw:" + call.body)
-            else:
-                _part(h, b"json:" + normalised_json(data, self._ignore))
-        return h.hexdigest()
+            json_data = call.json()
+            data = b"raw:" + call.body if json_data is None else \
+                b"json:" + normalised_json(json_data, self._ignore)
+            parts += (len(data).to_bytes(8, "big"), data)
+        return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 def normalised_json(data: Any, ignore: tuple[tuple[str, ...], ...] = ()) -> bytes:

@@ -10,6 +10,7 @@ a route with no ``timeout`` block gets the safe defaults (30s / 120s / 30s / 60s
 from __future__ import annotations
 
 import asyncio
+import math
 
 from proxy.call import Call, Handler, Reply
 from proxy.context import AttemptContext
@@ -31,11 +32,14 @@ class AttemptTimeout:
             limit, timer, named = self._attempt_s, "attempt", self._attempt_s
         else:
             limit, timer, named = left, "total", self._total_s
+        call.attempt_deadline = call.clock.monotonic() + limit
         try:
             async with asyncio.timeout(limit):
                 return await next_(call)
         except TimeoutError:
             raise Timeout(timer, named) from None
+        finally:
+            call.attempt_deadline = math.inf
 
 
 def build_attempt(ctx: AttemptContext) -> AttemptTimeout:

@@ -7,9 +7,10 @@ already arrived: that is the commit point after which nothing is retried).
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from multidict import CIMultiDictProxy
@@ -17,8 +18,6 @@ from multidict import CIMultiDictProxy
 from proxy.errors import BadRequest
 
 if TYPE_CHECKING:
-    from aiohttp import ClientResponse
-
     from proxy.clock import Clock
     from proxy.runtime import Arm, CompiledRoute, Runtime
 
@@ -28,6 +27,14 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     estimated: bool = False
+
+
+class UpstreamBody(Protocol):
+    """The upstream response a stream reads from (:class:`proxy.h1.Response`)."""
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ReplyStream:
@@ -44,7 +51,7 @@ class ReplyStream:
         self,
         first: bytes,
         chunks: AsyncIterator[bytes],
-        response: ClientResponse | None = None,
+        response: UpstreamBody | None = None,
     ) -> None:
         self.first = first
         self._iter = chunks
@@ -121,7 +128,8 @@ class Call:
     """One request's working state, made by the server and passed to every policy."""
 
     __slots__ = (
-        "_json", "arm", "attempts", "body", "cache_status", "canary", "client_id", "clock",
+        "_json", "arm", "attempt_deadline", "attempts", "body", "cache_status", "canary",
+        "client_id", "clock",
         "deadline", "downgrade", "fallback_reason", "fault", "headers", "log", "method",
         "path", "query", "remote", "request_id", "route", "runtime", "spent_usd", "started",
         "tier_bodies", "timings",
@@ -155,6 +163,9 @@ class Call:
         self.remote = remote
         self.started = started
         self.deadline = deadline  # monotonic; every timer is cut to it
+        #: when the current attempt's timer fires (set by the attempt timeout policy): a
+        #: first-byte timer that could only fire later is not armed
+        self.attempt_deadline = math.inf
         self.arm: Arm = route.stable
         self.canary: str | None = None
         self.cache_status: str | None = None

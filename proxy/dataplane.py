@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.accesslog import AccessLog
 from proxy.call import Call, Reply
 from proxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError, Timeout, UpstreamError
 from proxy.metrics import status_class
@@ -67,8 +68,12 @@ class DataPlane:
         self._clock = server.deps.clock
         self._metrics = server.deps.metrics
         self._log = server.deps.log
+        self._access = AccessLog(server.deps.log)
         self.in_flight = 0
         self._in_flight_gauge = server.deps.metrics.in_flight
+        #: Prometheus children by label values, looked up once (``labels()`` costs µs)
+        self._requests_children: dict[tuple[str, int, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = self._clock.monotonic()
@@ -195,15 +200,22 @@ class DataPlane:
         elapsed = self._clock.monotonic() - started
         route_name = route.name if route is not None else "_none"
         reply = done.reply
-        m = self._metrics
-        m.requests.labels(route_name, status_class(done.status), done.outcome).inc()
-        m.request_duration.labels(route_name).observe(elapsed)
+        key = (route_name, done.status, done.outcome)
+        counter = self._requests_children.get(key)
+        if counter is None:
+            counter = self._requests_children[key] = self._metrics.requests.labels(
+                route_name, status_class(done.status), done.outcome)
+        counter.inc()
+        histogram = self._duration_children.get(route_name)
+        if histogram is None:
+            histogram = self._duration_children[route_name] = \
+                self._metrics.request_duration.labels(route_name)
+        histogram.observe(elapsed)
         if route is not None:
             fallback = reply is not None and reply.fallback_reason is not None
             route.stats.observe(reply.tier if reply is not None else None, fallback, elapsed)
         try:
-            self._log.info("request", **_log_fields(request, route_name, call, done, rid,
-                                                    elapsed))
+            self._access.write(_log_fields(request, route_name, call, done, rid, elapsed))
         finally:  # whatever happens, the runtime's count goes down (a retired one closes)
             rt.active -= 1
             if rt.retired and rt.active == 0:
@@ -222,11 +234,17 @@ async def _read_body(request: web.BaseRequest, limit: int, within_s: float) -> b
         # the client waits for this before sending its body (curl does for large bodies);
         # an oversized body was refused above, before the client sent it
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    content = request.content
+    if content.is_eof():  # the whole body came with the head (the usual case): no timer
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLarge(f"request body is over the {limit}-byte limit")
+        return body
     parts: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(within_s):
-            async for chunk in request.content.iter_any():
+            async for chunk in content.iter_any():
                 size += len(chunk)
                 if size > limit:
                     raise BodyTooLarge(f"request body is over the {limit}-byte limit")

@@ -160,7 +160,8 @@ def output_cap(call: Call) -> int | None:
 class Meter:
     """The attempt stage: meter the reply ``send`` returned (see the module docstring)."""
 
-    __slots__ = ("_cost", "_fmt", "_pricing", "_provider", "_reader", "_route", "_tokens")
+    __slots__ = ("_children", "_cost", "_fmt", "_pricing", "_provider", "_reader", "_route",
+                 "_tokens")
 
     def __init__(self, ctx: AttemptContext, pricing: Pricing) -> None:
         pcfg = ctx.route_ctx.config.providers[ctx.tier.provider]
@@ -171,6 +172,8 @@ class Meter:
         self._route = ctx.route.name
         self._tokens = ctx.deps.metrics.tokens
         self._cost = ctx.deps.metrics.cost_usd
+        #: per model label: the (input tokens, output tokens, cost) children, looked up once
+        self._children: dict[str, tuple[Any, Any, Any]] = {}
 
     async def __call__(self, call: Call, next_: Handler) -> Reply:
         reply = await next_(call)
@@ -214,13 +217,19 @@ class Meter:
         reply.model = model
         reply.usage = usage
         label = self._pricing.label(model)
+        children = self._children.get(label)
+        if children is None:  # labels are bounded per provider (Pricing.label)
+            children = self._children[label] = (
+                self._tokens.labels(self._provider, label, "input"),
+                self._tokens.labels(self._provider, label, "output"),
+                self._cost.labels(self._route, self._provider, label))
         if usage is not None:
-            self._tokens.labels(self._provider, label, "input").inc(usage.input_tokens)
-            self._tokens.labels(self._provider, label, "output").inc(usage.output_tokens)
+            children[0].inc(usage.input_tokens)
+            children[1].inc(usage.output_tokens)
         cost = self._pricing.cost_usd(model, usage)
         if cost is not None:
             call.spent_usd += cost
-            self._cost.labels(self._route, self._provider, label).inc(cost)
+            children[2].inc(cost)
         if cost is not None or call.spent_usd:
             reply.cost_usd = call.spent_usd
 

@@ -7,6 +7,8 @@ response headers arrive (:mod:`proxy.upstream`), so it is the real first byte.
 
 from __future__ import annotations
 
+from typing import Any
+
 from proxy.call import AttemptRecord, Call, Handler, Reply
 from proxy.context import AttemptContext
 from proxy.errors import ProxyError
@@ -14,7 +16,8 @@ from proxy.metrics import status_class
 
 
 class RecordAttempt:
-    __slots__ = ("_attempts", "_clock", "_duration", "_provider", "_route", "_tier", "_tier_s")
+    __slots__ = ("_attempts", "_by_result", "_clock", "_duration", "_provider", "_route", "_tier",
+                 "_tier_s")
 
     def __init__(self, ctx: AttemptContext) -> None:
         m = ctx.deps.metrics
@@ -25,6 +28,8 @@ class RecordAttempt:
         self._tier_s = str(ctx.tier_index)
         self._attempts = m.upstream_attempts
         self._duration = m.upstream_duration.labels(ctx.provider.name)
+        #: rp_upstream_attempts_total children by result, looked up once each
+        self._by_result: dict[str, Any] = {}
 
     async def __call__(self, call: Call, next_: Handler) -> Reply:
         start = self._clock.monotonic()
@@ -46,7 +51,11 @@ class RecordAttempt:
                                                round(elapsed * 1000, 3)))
             self._duration.observe(elapsed)
             result = status_class(status) if status is not None else (error or "error")
-            self._attempts.labels(self._route, self._provider, self._tier_s, result).inc()
+            counter = self._by_result.get(result)
+            if counter is None:
+                counter = self._by_result[result] = self._attempts.labels(
+                    self._route, self._provider, self._tier_s, result)
+            counter.inc()
 
 
 def build_attempt(ctx: AttemptContext) -> RecordAttempt:

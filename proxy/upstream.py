@@ -1,9 +1,10 @@
-"""The upstream client: one pooled ``ClientSession`` per provider, one attempt per call.
+"""The upstream client: one pool of keep-alive connections per provider, one attempt per call.
 
 :meth:`ProviderClient.send` makes one attempt and returns a :class:`~proxy.call.Reply`
 for any HTTP status, or raises an attempt-level error (connect error, reset, first-byte
 timeout). The URL comes only from the provider's config: the request contributes its path
-and query, never a scheme, host or port. Redirects are never followed.
+and query, never a scheme, host or port. Redirects are never followed. The HTTP/1.1 client
+is :mod:`proxy.h1` (lean: the hop's largest CPU cost was ``aiohttp.ClientSession``).
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aiohttp
 from yarl import URL
 
 from proxy.call import Call, Reply, ReplyStream
 from proxy.config import ProviderConfig, TierConfig
 from proxy.errors import Timeout, UpstreamError
+from proxy.h1 import ConnectError, Pool, ResetError, Response
 from proxy.headers import HeaderRules, response_headers
 
-#: the provider closed or broke the connection (anything the client library raises once the
-#: connection exists; connect failures are ``ClientConnectorError``, caught first)
-_RESET_ERRORS = (aiohttp.ClientError,)
+#: the provider closed or broke the connection, or sent a malformed response
+_RESET_ERRORS = (ResetError,)
+#: what aiohttp's client added when the request had none (kept, so providers see the same)
+_AUTO_HEADERS = (("accept", "Accept: */*\r\n"), ("accept-encoding", "Accept-Encoding: gzip, deflate\r\n"))
 
 
 class ProviderClient:
@@ -45,26 +47,21 @@ class ProviderClient:
         # longest first, so a whole "Bearer <key>" goes before the bare key inside it
         self._secrets = tuple(sorted((s.encode() for s in secrets), key=len, reverse=True))
         self._max_buffered = max_buffered
-        self.session: aiohttp.ClientSession | None = None
+        self._host_line = f"Host: {_host_port(self.base)}\r\n"
+        #: the base path, prepended to every request target
+        self._base_path = self.base.raw_path.rstrip("/")
+        #: the provider's connection pool (named ``session``: one per provider)
+        self.session: Pool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.cfg.max_connections, limit_per_host=0, ttl_dns_cache=300,
-            keepalive_timeout=30,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
-            raise_for_status=False,
-            # the client's own User-Agent goes through; none is invented for it
-            skip_auto_headers=("User-Agent",),
-        )
+        assert self.base.host is not None and self.base.port is not None
+        self.session = Pool(self.base.scheme, self.base.host, self.base.port,
+                            limit=self.cfg.max_connections, keepalive_s=30.0,
+                            connect_timeout_s=10.0)
 
     async def close(self) -> None:
         if self.session is not None:
-            await self.session.close()
+            self.session.close()
 
     def url(self, call: Call, tier: TierConfig) -> URL:
         """Provider base + (tier path or request path) + request query; host from config only.
@@ -79,26 +76,52 @@ class ProviderClient:
             return URL(f"{self._prefix}{path}?{call.query}", encoded=True)
         return URL(self._prefix + path, encoded=True)
 
+    def _request_head(self, call: Call, tier: TierConfig, body: bytes) -> bytes:
+        """Request line and headers: the client's (filtered by the provider's rules), the
+        configured ones, ``x-request-id``, then what aiohttp's client used to add."""
+        path = tier.path or call.path
+        target = self._base_path + path + ("?" + call.query if call.query else "")
+        lines = [f"{call.method} {target} HTTP/1.1\r\n", self._host_line]
+        seen = set()
+        for name, value in self.rules.upstream_items(call.headers, call.request_id):
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError("a header with CR or LF")  # aiohttp refused these too
+            seen.add(name.lower())
+            lines.append(f"{name}: {value}\r\n")
+        for name, line in _AUTO_HEADERS:
+            if name not in seen:
+                lines.append(line)
+        if body:
+            if "content-type" not in seen:
+                lines.append("Content-Type: application/octet-stream\r\n")
+            lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        elif call.method in _BODY_METHODS:
+            lines.append("Content-Length: 0\r\n\r\n")
+        else:
+            lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
     async def send(self, call: Call, tier: TierConfig, body: bytes) -> Reply:
         """One upstream attempt; the caller bounds it with the attempt timer."""
-        assert self.session is not None
-        headers = self.rules.upstream(call.headers, call.request_id)
+        pool = self.session
+        assert pool is not None
+        head = self._request_head(call, tier, body)
         fb_s = call.arm.timeout.first_byte
         left = call.time_left()
         timer = "first_byte" if fb_s < left else "total"
         limit = min(fb_s, left)
         try:
-            async with asyncio.timeout(max(limit, 0.0)):
-                resp = await self.session.request(
-                    call.method, self.url(call, tier), data=body or None, headers=headers,
-                    allow_redirects=False, compress=None,
-                )
+            if call.clock.monotonic() + limit < call.attempt_deadline:
+                async with asyncio.timeout(max(limit, 0.0)):
+                    resp = await pool.request(call.method, head, body)
+            else:  # the attempt's own timer fires first: one timer is enough
+                resp = await pool.request(call.method, head, body)
             # the response headers are in: the real first byte of this attempt
             call.timings["t_upstream_first_byte"] = (call.clock.monotonic() - call.started) * 1000
         except TimeoutError:
             raise Timeout(timer, fb_s if timer == "first_byte" else call.arm.timeout.total) \
                 from None
-        except aiohttp.ClientConnectorError:
+        except ConnectError:
             raise UpstreamError(f"cannot connect to provider '{self.name}'") from None
         except _RESET_ERRORS:
             raise UpstreamError(f"provider '{self.name}' closed the connection",
@@ -109,21 +132,24 @@ class ProviderClient:
             resp.close()
             raise
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> Reply:
-        headers = response_headers(resp.headers.items(), resp.headers.get("connection"))
-        ctype = resp.headers.get("content-type", "")
+    async def _read(self, resp: Response) -> Reply:
+        headers = response_headers(resp.headers, resp.header("connection"))
+        ctype = resp.header("content-type") or ""
         length = resp.content_length
         try:
             if not ctype.startswith("text/event-stream"):
                 if length is not None and length <= self._max_buffered:
-                    return self._buffered(resp, headers, await resp.read())
+                    body = await resp.read()
+                    resp.release()
+                    return self._buffered(resp, headers, body)
                 if length is None:
                     body, complete = await self._read_capped(resp)
                     if complete:
+                        resp.release()
                         return self._buffered(resp, headers, body)
                     return Reply(resp.status, headers, provider=self.name,
                                  stream=ReplyStream(body, _chunks(resp), resp))
-            first = await resp.content.readany()
+            first = await resp.readany()
         except _RESET_ERRORS:
             raise UpstreamError(f"provider '{self.name}' closed the connection",
                                 kind="reset") from None
@@ -133,11 +159,11 @@ class ProviderClient:
         stream = ReplyStream(first, _chunks(resp), resp)
         return Reply(resp.status, headers, stream=stream, provider=self.name)
 
-    async def _read_capped(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    async def _read_capped(self, resp: Response) -> tuple[bytes, bool]:
         """Read a body of unknown length up to the buffer cap: (bytes read, complete?).
 
         Past the cap the bytes read so far become the stream's first chunk."""
-        content = resp.content
+        content = resp
         parts: list[bytes] = []
         size = 0
         while True:
@@ -149,7 +175,7 @@ class ProviderClient:
             parts.append(chunk)
             size += len(chunk)
 
-    def _buffered(self, resp: aiohttp.ClientResponse, headers: list[tuple[str, str]],
+    def _buffered(self, resp: Response, headers: list[tuple[str, str]],
                   body: bytes) -> Reply:
         if resp.status >= 400 and self._secrets:
             for secret in self._secrets:
@@ -158,9 +184,9 @@ class ProviderClient:
         return Reply(resp.status, headers, body=body, provider=self.name)
 
 
-async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _chunks(resp: Response) -> AsyncIterator[bytes]:
     """The rest of a streamed body, chunk by chunk as it arrives (no re-buffering)."""
-    content = resp.content
+    content = resp
     while True:
         try:
             chunk = await content.readany()
@@ -169,3 +195,16 @@ async def _chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         if not chunk:
             return
         yield chunk
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _host_port(url: URL) -> str:
+    """The ``Host`` header for ``url``: host (bracketed when IPv6), and the port unless default."""
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if url.explicit_port is not None and url.port != {"http": 80, "https": 443}.get(url.scheme):
+        return f"{host}:{url.port}"
+    return host
