@@ -5,12 +5,17 @@ for any HTTP status, or raises an attempt-level error (connect error, reset, fir
 timeout). The URL comes only from the provider's config: the request contributes its path
 and query, never a scheme, host or port. Redirects are never followed. The HTTP/1.1 client
 is :mod:`proxy.h1` (lean: the hop's largest CPU cost was ``aiohttp.ClientSession``).
+
+A provider that quotes a configured secret back (an echoed key) has it replaced by
+``[REDACTED]`` in its response header values and, for an error reply (status >= 400), in its
+body: an error body is read whole (up to ``max_buffered_response``) whatever its content
+type, so an error "stream" is masked like any other error body.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from yarl import URL
 
@@ -46,6 +51,7 @@ class ProviderClient:
         self.rules = HeaderRules(cfg.headers, clients_header)
         # longest first, so a whole "Bearer <key>" goes before the bare key inside it
         self._secrets = tuple(sorted((s.encode() for s in secrets), key=len, reverse=True))
+        self._secret_texts = tuple(s.decode() for s in self._secrets)
         self._max_buffered = max_buffered
         self._host_line = f"Host: {_host_port(self.base)}\r\n"
         #: the base path, prepended to every request target
@@ -134,10 +140,12 @@ class ProviderClient:
 
     async def _read(self, resp: Response) -> Reply:
         headers = response_headers(resp.headers, resp.header("connection"))
+        if self._secret_texts:
+            headers = self._masked_headers(headers)
         ctype = resp.header("content-type") or ""
         length = resp.content_length
         try:
-            if not ctype.startswith("text/event-stream"):
+            if resp.status >= 400 or not ctype.startswith("text/event-stream"):
                 if length is not None and length <= self._max_buffered:
                     body = await resp.read()
                     resp.release()
@@ -147,8 +155,11 @@ class ProviderClient:
                     if complete:
                         resp.release()
                         return self._buffered(resp, headers, body)
+                    chunks = _chunks(resp)
+                    if resp.status >= 400 and self._secrets:  # an error body past the cap
+                        body, chunks = self._mask(body), _masked(chunks, self._mask)
                     return Reply(resp.status, headers, provider=self.name,
-                                 stream=ReplyStream(body, _chunks(resp), resp))
+                                 stream=ReplyStream(body, chunks, resp))
             first = await resp.readany()
         except _RESET_ERRORS:
             raise UpstreamError(f"provider '{self.name}' closed the connection",
@@ -178,10 +189,26 @@ class ProviderClient:
     def _buffered(self, resp: Response, headers: list[tuple[str, str]],
                   body: bytes) -> Reply:
         if resp.status >= 400 and self._secrets:
-            for secret in self._secrets:
-                if secret in body:
-                    body = body.replace(secret, b"[REDACTED]")
+            body = self._mask(body)
         return Reply(resp.status, headers, body=body, provider=self.name)
+
+    def _mask(self, body: bytes) -> bytes:
+        for secret in self._secrets:
+            if secret in body:
+                body = body.replace(secret, b"[REDACTED]")
+        return body
+
+    def _masked_headers(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``headers`` with any configured secret in a value masked (a copy only if so)."""
+        out = headers
+        for i, (name, value) in enumerate(headers):
+            for secret in self._secret_texts:
+                if secret in value:
+                    if out is headers:
+                        out = list(headers)
+                    value = value.replace(secret, "[REDACTED]")
+                    out[i] = (name, value)
+        return out
 
 
 async def _chunks(resp: Response) -> AsyncIterator[bytes]:
@@ -195,6 +222,12 @@ async def _chunks(resp: Response) -> AsyncIterator[bytes]:
         if not chunk:
             return
         yield chunk
+
+
+async def _masked(chunks: AsyncIterator[bytes],
+                  mask: Callable[[bytes], bytes]) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield mask(chunk)
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
