@@ -19,6 +19,7 @@ import asyncio
 import os
 import random
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -183,16 +184,22 @@ class ProxyServer:
                        for sample in metric.samples if sample.name == "rp_requests_total"))
 
     def install_signal_handlers(self, stop: asyncio.Event) -> None:
+        """SIGHUP reloads; SIGTERM and SIGINT drain. The drain signals get a plain Python
+        handler, not the loop's: it runs between two bytecodes of whatever the main thread is
+        doing, so the watchdog is armed even while the event loop is busy (a CPU-bound
+        request), and the loop is told to stop as soon as it is free."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
+        armed: list[bool] = []
 
-        def terminate() -> None:
-            if not stop.is_set():
+        def terminate(signum: int, frame: Any) -> None:
+            if not armed:
+                armed.append(True)
                 self._arm_watchdog()
-            stop.set()
+            loop.call_soon_threadsafe(stop.set)
 
-        loop.add_signal_handler(signal.SIGTERM, terminate)
-        loop.add_signal_handler(signal.SIGINT, terminate)
+        signal.signal(signal.SIGTERM, terminate)
+        signal.signal(signal.SIGINT, terminate)
 
     def _arm_watchdog(self) -> None:
         """Past drain + cancel grace + finish + slack, end the process (exit 1) whatever
@@ -204,6 +211,7 @@ class ProxyServer:
         def fire() -> None:
             try:
                 log.error("shutdown_forced", after_s=limit_s)
+                sys.stdout.flush()  # the buffered access-log lines
             finally:
                 os._exit(1)
 
