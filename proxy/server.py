@@ -142,6 +142,8 @@ class ProxyServer:
     async def stop(self) -> None:
         """Drain and close, bounded: in-flight requests get up to ``drain_timeout`` to finish
         (then they are cancelled), the flush hooks and the closes :data:`FINISH_S` more."""
+        if self.draining:  # stopped already (or stopping)
+            return
         loop = asyncio.get_running_loop()
         self.draining = True
         self.deps.log.info("draining", in_flight=self.dataplane.in_flight if self.dataplane else 0,

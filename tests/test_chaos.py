@@ -316,6 +316,24 @@ async def test_drain_is_bounded_by_drain_timeout(mock_provider, tmp_path):
     print(f"bounded drain: exit 0 after {took:.2f}s with drain_timeout 1s")
 
 
+async def test_draining_proxy_is_unready_and_finishes_in_flight(mock_provider, make_proxy,
+                                                               http):
+    """While it drains, /readyz answers 503 (so no new traffic is routed to it) and the
+    request in flight still completes with 200, told Connection: close."""
+    proxy = await make_proxy(SIGTERM_CONFIG.format(mock=mock_provider.url, drain="10s"))
+    async with aiohttp.ClientSession() as other:
+        slow = asyncio.create_task(other.post(proxy.data_url + "/v1/chat/completions", json={},
+                                              headers={"x-mock-delay": "500ms"}))
+        await wait_for(lambda: mock_provider.mock.calls == 1)
+        stopping = asyncio.create_task(proxy.stop())
+        await wait_for(lambda: proxy.draining)
+        async with http.get(proxy.admin_url + "/readyz") as resp:
+            assert resp.status == 503 and (await resp.json())["ready"] is False
+        async with await slow as resp:
+            assert resp.status == 200 and resp.headers["connection"] == "close"
+        await stopping
+
+
 CIRCUIT_CONFIG = """
 version: 1
 providers:
