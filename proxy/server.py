@@ -186,15 +186,19 @@ class ProxyServer:
                        for sample in metric.samples if sample.name == "rp_requests_total"))
 
     def install_signal_handlers(self, stop: asyncio.Event) -> None:
-        """SIGHUP reloads; SIGTERM and SIGINT drain. The drain signals get a plain Python
-        handler, not the loop's: it runs between two bytecodes of whatever the main thread is
-        doing, so the watchdog is armed even while the event loop is busy (a CPU-bound
-        request), and the loop is told to stop as soon as it is free."""
+        """SIGHUP reloads; SIGTERM and SIGINT drain (a second SIGINT exits at once). The
+        drain signals get a plain Python handler, not the loop's: it runs between two
+        bytecodes of whatever the main thread is doing, so the watchdog is armed even while
+        the event loop is busy (a CPU-bound request), and the loop is told to stop as soon as
+        it is free."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
         armed: list[bool] = []
 
         def terminate(signum: int, frame: Any) -> None:
+            if armed and signum == signal.SIGINT:  # a second Ctrl-C: leave now
+                sys.stdout.flush()
+                os._exit(130)
             if not armed:
                 armed.append(True)
                 self._arm_watchdog()
