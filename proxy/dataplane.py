@@ -141,8 +141,12 @@ class DataPlane:
 
     async def _respond(self, request: web.BaseRequest, call: Call, reply: Reply,
                        done: _Done) -> web.StreamResponse:
-        headers = CIMultiDict(reply.headers)
-        _annotate(headers, call, reply)
+        added = _annotations(call, reply)
+        names = {name for name, _ in added}
+        # the reply's headers minus those the proxy sets, then the proxy's: one list, made
+        # into aiohttp's multidict once
+        headers = [(k, v) for k, v in reply.headers if k.lower() not in names]
+        headers += added
         done.status = reply.status
         done.outcome = _outcome(reply)
         if reply.stream is None:
@@ -150,11 +154,11 @@ class DataPlane:
         return await self._relay_stream(request, call, reply, headers, done)
 
     async def _relay_stream(self, request: web.BaseRequest, call: Call, reply: Reply,
-                            headers: CIMultiDict[str], done: _Done) -> web.StreamResponse:
+                            headers: list[tuple[str, str]], done: _Done) -> web.StreamResponse:
         stream = reply.stream
         assert stream is not None
         resp = web.StreamResponse(status=reply.status, headers=headers)
-        sse = headers.get("content-type", "").startswith("text/event-stream")
+        sse = resp.headers.get("content-type", "").startswith("text/event-stream")
         completed = False
         idle_s = call.arm.timeout.idle
         relay_started = self._clock.monotonic()
@@ -269,28 +273,29 @@ def _has_dot_segment(path: str) -> bool:
     return any(seg.lower() in _DOT_SEGMENTS for seg in _SEPARATORS.split(path))
 
 
-def _annotate(headers: CIMultiDict[str], call: Call, reply: Reply) -> None:
-    headers["server"] = SERVER_NAME  # the proxy's answer: not the provider's banner
-    headers["x-request-id"] = call.request_id
-    headers["x-rp-route"] = call.route.name
+def _annotations(call: Call, reply: Reply) -> list[tuple[str, str]]:
+    """The headers the proxy adds to (or replaces in) a reply (DESIGN §4)."""
+    out = [("server", SERVER_NAME),  # the proxy's answer: not the provider's banner
+           ("x-request-id", call.request_id), ("x-rp-route", call.route.name)]
     if reply.provider is not None:
-        headers["x-rp-provider"] = reply.provider
+        out.append(("x-rp-provider", reply.provider))
     if reply.model is not None:
-        headers["x-rp-model"] = reply.model
+        out.append(("x-rp-model", reply.model))
     if reply.tier is not None:
-        headers["x-rp-tier"] = str(reply.tier)
-    headers["x-rp-attempts"] = str(len(call.attempts))
+        out.append(("x-rp-tier", str(reply.tier)))
+    out.append(("x-rp-attempts", str(len(call.attempts))))
     if call.cache_status is not None:
-        headers["x-rp-cache"] = call.cache_status
+        out.append(("x-rp-cache", call.cache_status))
     if call.canary is not None:
-        headers["x-rp-canary"] = call.canary
+        out.append(("x-rp-canary", call.canary))
     fallback = reply.fallback_reason or call.fallback_reason
     if fallback is not None:
-        headers["x-rp-fallback"] = fallback
+        out.append(("x-rp-fallback", fallback))
     if reply.source == "cache":
-        headers["x-rp-cost-usd"] = "0"
+        out.append(("x-rp-cost-usd", "0"))
     elif reply.cost_usd is not None and reply.stream is None:
-        headers["x-rp-cost-usd"] = f"{reply.cost_usd:.6f}"
+        out.append(("x-rp-cost-usd", f"{reply.cost_usd:.6f}"))
+    return out
 
 
 def _outcome(reply: Reply) -> str:

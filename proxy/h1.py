@@ -42,6 +42,7 @@ _MAX_CHUNK_LINE = 4096
 _NO_BODY_STATUS = frozenset({204, 304})
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_FRAMING = frozenset({"content-length", "transfer-encoding", "content-encoding", "connection"})
 
 # parser states
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_EOF, _DONE = range(8)
@@ -275,44 +276,47 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError("data after the end of the response")
 
     def _on_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
+        text = head.decode("utf-8", "surrogateescape")
+        lines = text.split("\r\n")
         status_line = lines[0]
-        if not status_line.startswith(b"HTTP/1.") or len(status_line) < 12 \
-                or status_line[8:9] != b" " or not status_line[9:12].isdigit():
+        if not status_line.startswith("HTTP/1.") or len(status_line) < 12 \
+                or status_line[8] != " " or not status_line[9:12].isdigit() \
+                or not status_line[9:12].isascii():
             raise ProtocolError("invalid status line")
         status = int(status_line[9:12])
-        version_minor = status_line[7:8]
+        version_minor = status_line[7]
         if 100 <= status < 200:
             if status == 101:
                 raise ProtocolError("unexpected protocol switch")
             return  # interim response (100 Continue, 103 Early Hints): the real one follows
         headers: list[tuple[str, str]] = []
-        lengths: set[bytes] = set()
+        lengths: set[str] = set()
         chunked = False
         coding = None
-        close = version_minor == b"0"
+        close = version_minor == "0"
         for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip() or line[:1] in b" \t":
+            name, sep, value = line.partition(":")
+            if not sep or not name or name[-1] in " \t" or line[0] in " \t":
                 raise ProtocolError("invalid header line")
-            value = value.strip(b" \t")
+            value = value.strip(" \t")
+            headers.append((name, value))
             low = name.lower()
-            if low == b"content-length":
+            if low not in _FRAMING:
+                continue
+            if low == "content-length":
                 lengths.add(value)
-            elif low == b"transfer-encoding":
-                if value.lower() != b"chunked" or chunked:
+            elif low == "transfer-encoding":
+                if value.lower() != "chunked" or chunked:
                     raise ProtocolError("unsupported transfer-encoding")
                 chunked = True
-            elif low == b"content-encoding":
-                coding = value.lower().decode("latin-1")
-            elif low == b"connection":
-                tokens = {t.strip() for t in value.lower().split(b",")}
-                if b"close" in tokens:
+            elif low == "content-encoding":
+                coding = value.lower()
+            else:  # connection
+                tokens = {t.strip() for t in value.lower().split(",")}
+                if "close" in tokens:
                     close = True
-                elif b"keep-alive" in tokens:
-                    close = False if version_minor == b"0" else close
-            headers.append((name.decode("utf-8", "surrogateescape"),
-                            value.decode("utf-8", "surrogateescape")))
+                elif "keep-alive" in tokens and version_minor == "0":
+                    close = False
         if close:
             self._reusable = False
         if coding is not None and coding != "identity":
@@ -329,7 +333,7 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError("both content-length and transfer-encoding")
             self._state = _CHUNK_SIZE
         elif lengths:
-            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+            if len(lengths) != 1 or not (n := next(iter(lengths))).isdigit() or not n.isascii():
                 raise ProtocolError("invalid content-length")
             length = int(next(iter(lengths)))
             self._left = length

@@ -55,18 +55,16 @@ class HeaderRules:
         out["x-request-id"] = request_id
         return out
 
-    def upstream_items(self, client: CIMultiDictProxy[str], request_id: str) -> list[tuple[str, str]]:
-        """The same headers as :meth:`upstream`, as a list (no multidict built per request)."""
+    def client_items(self, client: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+        """The client's headers that go upstream, as a list (no multidict per request): what
+        :meth:`upstream` keeps of them; the caller adds ``inject`` and ``x-request-id``."""
         drop = self.drop
         conn = client.get("connection")
         if conn:
             drop = drop | {t.strip().lower() for t in conn.split(",")}
-        out = [(name, value) for name, value in client.items()
-               if (low := name.lower()) not in drop and low != "x-request-id"
-               and not low.startswith("x-rp-")]
-        out.extend(self.inject)
-        out.append(("x-request-id", request_id))
-        return out
+        return [(name, value) for name, value in client.items()
+                if (low := name.lower()) not in drop and low != "x-request-id"
+                and not low.startswith("x-rp-")]
 
 
 def response_headers(upstream: Iterable[tuple[str, str]], connection: str | None) -> list[tuple[str, str]]:

@@ -53,7 +53,13 @@ class ProviderClient:
         self._secrets = tuple(sorted((s.encode() for s in secrets), key=len, reverse=True))
         self._secret_texts = tuple(s.decode() for s in self._secrets)
         self._max_buffered = max_buffered
-        self._host_line = f"Host: {_host_port(self.base)}\r\n"
+        #: Host and the configured headers: the same lines on every request
+        inject = self.rules.inject
+        self._fixed_names = frozenset(name.lower() for name, _ in inject)
+        self._fixed: str | None = f"Host: {_host_port(self.base)}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in inject)
+        if any("\r" in part or "\n" in part for pair in inject for part in pair):
+            self._fixed = None
         #: the base path, prepended to every request target
         self._base_path = self.base.raw_path.rstrip("/")
         #: the provider's connection pool (named ``session``: one per provider)
@@ -87,11 +93,14 @@ class ProviderClient:
         configured ones, ``x-request-id``, then what aiohttp's client used to add."""
         path = tier.path or call.path
         target = self._base_path + path + ("?" + call.query if call.query else "")
-        lines = [f"{call.method} {target} HTTP/1.1\r\n", self._host_line]
-        seen = set()
-        for name, value in self.rules.upstream_items(call.headers, call.request_id):
+        if self._fixed is None:
+            raise ValueError("a configured header has CR or LF")  # aiohttp refused these too
+        lines = [f"{call.method} {target} HTTP/1.1\r\n", self._fixed,
+                 f"x-request-id: {call.request_id}\r\n"]
+        seen = set(self._fixed_names)
+        for name, value in self.rules.client_items(call.headers):
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-                raise ValueError("a header with CR or LF")  # aiohttp refused these too
+                raise ValueError("a header with CR or LF")
             seen.add(name.lower())
             lines.append(f"{name}: {value}\r\n")
         for name, line in _AUTO_HEADERS:

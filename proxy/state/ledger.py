@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 NANO_PER_USD = 1_000_000_000
 #: how long a counter remembers a settled hold (retried settlements are deduplicated)
 SETTLE_DEDUPE_S = 3600.0
+#: the memory ledger remembers at most this many settled holds per counter: in one process a
+#: settlement is never retried (no network to time out), so the dedupe only guards against a
+#: double call, and an hour of settlements would grow by ~200 bytes per request
+MEMORY_SETTLED_MAX = 10_000
 #: counters outlive their window by this much (late settlements, the status of yesterday)
 COUNTER_GRACE_S = 2 * 86400.0
 
@@ -220,7 +224,8 @@ class _Counter:
     def first_settle(self, member: str, now: float) -> bool:
         """Remember ``member`` as settled; False when it already was (within the window)."""
         order = self.settled_order
-        while order and order[0][0] <= now - SETTLE_DEDUPE_S:
+        while order and (order[0][0] <= now - SETTLE_DEDUPE_S
+                         or len(order) >= MEMORY_SETTLED_MAX):
             self.settled.discard(order.popleft()[1])
         if member in self.settled:
             return False
@@ -265,6 +270,9 @@ class MemoryLedger:
         member = _member(estimate)
         c.holds[member] = estimate
         heapq.heappush(c.expiry, (hold_until, member))
+        if len(c.expiry) > 2 * len(c.holds) + 256:  # settled holds left in the heap: compact
+            c.expiry = [entry for entry in c.expiry if entry[1] in c.holds]
+            heapq.heapify(c.expiry)
         c.reserved += estimate
         c.reserved_requests += 1
         return ReserveResult(True, degraded, Reservation(counter, member, estimate), c.totals())
