@@ -8,15 +8,15 @@ process's output, ``/metrics``, every ``/admin/*`` answer, and every Redis key a
 
 from __future__ import annotations
 
-import asyncio
+import os
 import signal
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import aiohttp
 import redis
+from aiohttp import web
 
 from tests.conftest import free_port, wait_for
 from tests.hardening_support import ROOT, CliProxy
@@ -108,11 +108,17 @@ def redis_dump(url: str) -> list[tuple[bytes, object]]:
     out: list[tuple[bytes, object]] = []
     for key in client.scan_iter(count=1000):
         kind = client.type(key)
-        value: object = {
-            b"string": lambda: client.get(key), b"hash": lambda: client.hgetall(key),
-            b"list": lambda: client.lrange(key, 0, -1), b"set": lambda: client.smembers(key),
-            b"zset": lambda: client.zrange(key, 0, -1, withscores=True),
-        }.get(kind, lambda: kind)()
+        value: object = kind
+        if kind == b"string":
+            value = client.get(key)
+        elif kind == b"hash":
+            value = client.hgetall(key)
+        elif kind == b"list":
+            value = client.lrange(key, 0, -1)
+        elif kind == b"set":
+            value = client.smembers(key)
+        elif kind == b"zset":
+            value = client.zrange(key, 0, -1, withscores=True)
         out.append((key, value))
     client.close()
     return out
@@ -240,7 +246,7 @@ async def test_no_secret_anywhere(mock_provider, mock_provider2, make_proxy, red
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
-    base = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RP_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RP_")}
     return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True,
                           env={**base, **env}, cwd=ROOT, timeout=60, check=False)
 
@@ -290,7 +296,6 @@ async def test_provider_echoing_a_key_in_a_header_or_stream(make_proxy, http, lo
     body: the header value is masked before it reaches the client, and error bodies are
     masked whether buffered or streamed."""
     secret = f"sk-LEAK-{uuid.uuid4().hex}"
-    from aiohttp import web
 
     async def echo(request: web.Request) -> web.StreamResponse:
         got = request.headers.get("authorization", "")
@@ -321,6 +326,6 @@ routes: [{{name: r, match: {{path_prefix: /}}, provider: p}}]
                 await sinks.response(query, resp)
         sinks.add("logs", logs)
         assert sinks.hits({"k": secret}) == []
+        assert sum("[REDACTED]" in text for _, text in sinks.items) >= 3  # it was echoed
     finally:
         await runner.cleanup()
-    await asyncio.sleep(0)
