@@ -11,10 +11,12 @@ Targets, all in front of the same mock provider (``python -m proxy mock``, aioht
   to throttle), cache (every request a miss: unique bodies, stored into an 8 MiB memory
   cache that evicts), budget (global, high limit, metered), canary (10% of users to a
   variant arm), access-log line and metrics;
-- with ``--workers-phase``: ``rp-bare-w2``, the bare route with ``--workers 2``.
+- with ``--workers-phase``: ``rp-bare-w2``, the bare route with ``--workers 2``, and
+  ``rp-bare-w1x``, one worker placed like them (the control for CPU per request).
 
 Pinning: every proxy under test runs on core 0 (``taskset -c 0``); the mock, the load
-generators and this script on core 1. ``rp-bare-w2``'s workers may use both cores.
+generators and this script on core 1. ``rp-bare-w2`` and ``rp-bare-w1x`` may use both
+cores (so they share core 1 with the mock and the load generator).
 
 Per round, in a shuffled target order (fixed seed), each target gets:
 
@@ -149,7 +151,7 @@ class Procs:
     def start(self, cores: str, args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("RP_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log, "wb") if log is not None else subprocess.DEVNULL
         proc = subprocess.Popen(["taskset", "-c", cores, *args], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.DEVNULL)
         if log is not None:
@@ -212,7 +214,7 @@ def wait_up(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             status, _ = post_once(port, stream=False)
             if status == 200:
@@ -338,7 +340,22 @@ class Target:
                             Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-def start_targets(procs: Procs, tmp: Path, workers_phase: bool) -> tuple[list[Target], int]:
+_RUN_FROM = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from proxy.cli import main; "
+             "sys.exit(main(sys.argv[1:]))")
+
+
+def extract(rev: str, tmp: Path) -> Path:
+    """The ``proxy`` and ``policies`` packages of git revision ``rev``, in a directory."""
+    out = tmp / f"src-{rev}"
+    out.mkdir()
+    archive = subprocess.run(["git", "archive", rev, "proxy", "policies"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def start_targets(procs: Procs, tmp: Path, workers_phase: bool,
+                  baseline: str | None = None) -> tuple[list[Target], int]:
     mock_port = free_port()
     mock_url = f"http://127.0.0.1:{mock_port}"
     mock = procs.start(CORE_LOAD, [sys.executable, "-m", "proxy", "mock", "--listen",
@@ -361,14 +378,23 @@ def start_targets(procs: Procs, tmp: Path, workers_phase: bool) -> tuple[list[Ta
                      f"127.0.0.1:{naive_port}", mock_url])))
 
     specs = [("rp-bare", BARE, CORE_PROXY, 1), ("rp-full", FULL, CORE_PROXY, 1)]
-    if workers_phase:
+    if workers_phase:  # both on both cores, sharing them with the mock and the load
+        specs.append(("rp-bare-w1x", BARE, f"{CORE_PROXY},{CORE_LOAD}", 1))
         specs.append(("rp-bare-w2", BARE, f"{CORE_PROXY},{CORE_LOAD}", 2))
+    src = {}
+    if baseline:  # the same routes, served by the code of another revision
+        src[f"rp-bare@{baseline}"] = src[f"rp-full@{baseline}"] = extract(baseline, tmp)
+        specs += [(f"rp-bare@{baseline}", BARE, CORE_PROXY, 1),
+                  (f"rp-full@{baseline}", FULL, CORE_PROXY, 1)]
     for name, template, cores, workers in specs:
         port, admin = free_port(), free_port()
         cfg = tmp / f"{name}.yaml"
         cfg.write_text(template.format(port=port, admin=admin, mock=mock_url))
         log = tmp / f"{name}.log"
         args = [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--log-level", "info"]
+        if name in src:
+            args = [sys.executable, "-c", _RUN_FROM, str(src[name]), "run", "-c", str(cfg),
+                    "--log-level", "info"]
         if workers > 1:
             args += ["--workers", str(workers)]
         targets.append(Target(name, port, procs.start(cores, args, log), log))
@@ -431,12 +457,12 @@ def summarise(targets: list[Target]) -> dict[str, Any]:
 
 
 def report(summary: dict[str, Any]) -> None:
-    print(f"\n{'target':<11} {'RPS@c32':>8} {'added p50':>10} {'added p99':>10} "
+    print(f"\n{'target':<16} {'RPS@c32':>8} {'added p50':>10} {'added p99':>10} "
           f"{'CPU ms/req':>10} {'peak RSS':>9} {'SSE TTFB+':>10} {'load':>5}")
     for name, s in summary.items():
         cpu = f"{s['cpu_ms_per_req']:.3f}" if s["cpu_ms_per_req"] is not None else "-"
         rss = f"{s['peak_rss_mb']:.0f} MB" if s["peak_rss_mb"] is not None else "-"
-        print(f"{name:<11} {s['rps']:>8.0f} {s['added_p50_ms'] * 1000:>+8.0f}µs "
+        print(f"{name:<16} {s['rps']:>8.0f} {s['added_p50_ms'] * 1000:>+8.0f}µs "
               f"{s['added_p99_ms'] * 1000:>+8.0f}µs {cpu:>10} {rss:>9} "
               f"{s['added_sse_ttfb_ms'] * 1000:>+8.0f}µs {s['load1']:>5.2f}")
     naive = summary["naive"]
@@ -445,10 +471,16 @@ def report(summary: dict[str, Any]) -> None:
         print(f"{name} vs naive: throughput ×{s['rps'] / naive['rps']:.2f}, added p50 "
               f"×{s['added_p50_ms'] / naive['added_p50_ms']:.2f}, SSE TTFB added "
               f"{(s['added_sse_ttfb_ms'] - naive['added_sse_ttfb_ms']) * 1000:+.0f}µs vs naive")
+    for name in [n for n in summary if "@" in n]:
+        now = summary[name.split("@")[0]]
+        print(f"{name.split('@')[0]} now vs {name}: throughput ×{now['rps'] / summary[name]['rps']:.2f}"
+              f", CPU ms/req ×{now['cpu_ms_per_req'] / summary[name]['cpu_ms_per_req']:.2f}")
     if "rp-bare-w2" in summary:
-        w1, w2 = summary["rp-bare"], summary["rp-bare-w2"]
-        print(f"--workers 2 vs 1: throughput ×{w2['rps'] / w1['rps']:.2f}, CPU ms/req "
-              f"×{w2['cpu_ms_per_req'] / w1['cpu_ms_per_req']:.2f}")
+        w1, w1x, w2 = summary["rp-bare"], summary["rp-bare-w1x"], summary["rp-bare-w2"]
+        print(f"--workers 2 (cores 0-1) vs 1 worker on core 0: throughput "
+              f"×{w2['rps'] / w1['rps']:.2f}; vs 1 worker on cores 0-1: throughput "
+              f"×{w2['rps'] / w1x['rps']:.2f}, CPU ms/req "
+              f"×{w2['cpu_ms_per_req'] / w1x['cpu_ms_per_req']:.2f}")
 
 
 def main() -> None:
@@ -460,6 +492,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers-phase", action="store_true",
                         help="also measure the bare route with --workers 2 (both cores)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run both routes on the code of git revision REV")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
@@ -472,7 +506,7 @@ def main() -> None:
     procs = Procs()
     started = time.monotonic()
     try:
-        targets, _ = start_targets(procs, tmp, args.workers_phase)
+        targets, _ = start_targets(procs, tmp, args.workers_phase, args.baseline)
         measure(targets, args, Wrk(tmp / "perf.lua"))
         summary = summarise(targets)
     finally:

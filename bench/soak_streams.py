@@ -33,7 +33,7 @@ import orjson
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import perf  # noqa: E402  (the same process helpers and proxy configs)
+import perf  # the same process helpers and proxy configs
 
 PATH = "/v1/chat/completions"
 

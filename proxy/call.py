@@ -73,7 +73,12 @@ class ReplyStream:
                 self._response.release()
             else:
                 self._response.close()
-        for callback in self.on_close:
+        callbacks, self.on_close = self.on_close, []
+        # the callbacks and observers hold the reply that holds this stream: dropping them
+        # breaks the cycle, so the stream is freed now, not by a later cyclic collection
+        self.observers = []
+        self._response = None
+        for callback in callbacks:
             result = callback(completed)
             if result is not None:
                 await result

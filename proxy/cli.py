@@ -183,11 +183,13 @@ def _run(args: argparse.Namespace) -> int:
 
 async def serve(loaded: LoadedConfig, listen: str | None, admin_listen: str | None,
                 reuse_port: bool = False) -> int:
+    from proxy.runtime import tune_gc
     from proxy.server import ProxyServer
 
     server = ProxyServer(loaded)
     stop = asyncio.Event()
     await server.start(listen=listen, admin_listen=admin_listen, reuse_port=reuse_port)
+    tune_gc()
     server.install_signal_handlers(stop)
     print(f"resilience-proxy serving {server.data_url} (admin {server.admin_url}) "
           f"with {loaded.path}", file=sys.stderr, flush=True)

@@ -351,3 +351,37 @@ async def test_memory_ledger_does_not_grow_per_request():
     assert len(c.settled) <= MEMORY_SETTLED_MAX and len(c.settled_order) <= MEMORY_SETTLED_MAX
     assert len(c.holds) == 0 and len(c.expiry) <= 2 * len(c.holds) + 257
     assert c.requests == MEMORY_SETTLED_MAX + 5000
+
+
+async def test_streamed_replies_leave_no_garbage_cycles(make_proxy, http, mock_provider):
+    """A streamed reply's callbacks (metering, budget, cache recorder) held the reply that
+    holds the stream: a reference cycle per stream, freed only by a cyclic collection (RSS
+    climbed under a stream soak). Closing the stream breaks it: nothing is left for the GC."""
+    import gc
+
+    proxy = await make_proxy(f"""
+state: {{backend: memory}}
+providers: {{p: {{url: "{mock_provider.url}", format: openai, pricing: {{"*": {{input: 1, output: 1}}}}}}}}
+budgets: {{b: {{window: day, limit_usd: 1000000}}}}
+routes: [{{name: chat, match: {{path_prefix: /v1/chat}}, provider: p, budgets: [b],
+          cache: {{ttl: 1m}}, retry: {{attempts: 2}}}}]
+""")
+
+    async def stream(i: int) -> None:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": f"{i}"}]}
+        async with http.post(proxy.data_url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200 and (await resp.read()).rstrip().endswith(b"[DONE]")
+
+    for i in range(5):
+        await stream(i)
+    await asyncio.sleep(0.1)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(40):
+            await stream(100 + i)
+        await asyncio.sleep(0.1)
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found < 40  # before: ~60 objects in cycles per stream
