@@ -17,7 +17,8 @@ A condition is a JSONPath (:mod:`proxy.jsonpath`) and checks that must all hold:
 
 ``accept`` is one condition or a list of conditions that must all hold.
 
-Only buffered 2xx replies are judged: an error status is the classifier's business, and a
+Only buffered 2xx replies with a body are judged (as by ``validate``, through the same
+:func:`policies.validate.json_to_judge`): an error status is the classifier's business, and a
 stream cannot be read without consuming it. A 2xx whose body is not JSON cannot satisfy
 anything; it is an :class:`~proxy.errors.InvalidResponse` (as ``validate`` would say), not a
 rejection: there is nothing worth relaying in it.
@@ -30,10 +31,11 @@ from typing import Any
 
 import orjson
 
+from policies.validate import NOT_JUDGED, json_to_judge
 from proxy.call import Call, Handler, Reply
 from proxy.config import AcceptConfig
 from proxy.context import AttemptContext
-from proxy.errors import InvalidResponse, Rejected
+from proxy.errors import Rejected
 from proxy.jsonpath import MISSING, JsonPath, compile_path
 
 
@@ -84,13 +86,9 @@ class Accept:
 
     async def __call__(self, call: Call, next_: Handler) -> Reply:
         reply = await next_(call)
-        if not 200 <= reply.status < 300 or reply.stream is not None or reply.body is None:
+        doc = json_to_judge(reply, self._tier)
+        if doc is NOT_JUDGED:
             return reply
-        try:
-            doc = reply.json()
-        except orjson.JSONDecodeError:
-            raise InvalidResponse(f"tier {self._tier} ({reply.provider}) answered "
-                                  f"{reply.status} with a body that is not valid JSON") from None
         for cond in self._conditions:
             why = cond.failure(doc)
             if why is not None:

@@ -14,6 +14,8 @@ cannot be judged before the commit point).
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from proxy.call import Call, Handler, Reply
@@ -23,6 +25,24 @@ from proxy.errors import InvalidResponse
 from proxy.jsonpath import MISSING, JsonPath, compile_path
 
 _NO_BODY = frozenset({204, 205})
+#: what :func:`json_to_judge` returns for a reply that is not judged
+NOT_JUDGED: Any = object()
+
+
+def json_to_judge(reply: Reply, tier: int) -> Any:
+    """A buffered 2xx reply's body as JSON, for ``validate`` and ``accept`` alike.
+
+    :data:`NOT_JUDGED` for replies that are not theirs to judge (other statuses, 204/205,
+    streams); :class:`~proxy.errors.InvalidResponse` when the body is not valid JSON.
+    """
+    if (not 200 <= reply.status < 300 or reply.status in _NO_BODY
+            or reply.stream is not None or reply.body is None):
+        return NOT_JUDGED
+    try:
+        return reply.json()
+    except orjson.JSONDecodeError:
+        raise InvalidResponse(f"tier {tier} ({reply.provider}) answered {reply.status} "
+                              "with a body that is not valid JSON") from None
 
 
 class Validate:
@@ -34,14 +54,9 @@ class Validate:
 
     async def __call__(self, call: Call, next_: Handler) -> Reply:
         reply = await next_(call)
-        if (not 200 <= reply.status < 300 or reply.status in _NO_BODY
-                or reply.stream is not None or reply.body is None):
+        doc = json_to_judge(reply, self._tier)
+        if doc is NOT_JUDGED:
             return reply
-        try:
-            doc = reply.json()
-        except orjson.JSONDecodeError:
-            raise InvalidResponse(f"tier {self._tier} ({reply.provider}) answered "
-                                  f"{reply.status} with a body that is not valid JSON") from None
         for path in self._require:
             if path.find(doc) is MISSING:
                 raise InvalidResponse(f"tier {self._tier} ({reply.provider}) answered "

@@ -175,3 +175,13 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def prometheus_servers() -> Iterator[list[Any]]:
+    """Real Prometheus servers a test starts (``tests.deploy_support.PrometheusServer``);
+    each is stopped by its PID afterwards."""
+    servers: list[Any] = []
+    yield servers
+    for server in servers:
+        server.stop()

@@ -8,8 +8,6 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from tests.deploy_support import (
     REPO,
     RICH_CONFIG,
@@ -109,13 +107,6 @@ def test_dashboard_layout_is_valid():
         assert not mine & cells, f"{p['title']} overlaps another panel"
         cells |= mine
 
-
-@pytest.fixture
-def prometheus_servers() -> Iterator[list[PrometheusServer]]:
-    servers: list[PrometheusServer] = []
-    yield servers
-    for server in servers:
-        server.stop()
 
 
 async def test_every_query_runs_in_a_real_prometheus(mock_provider, mock_provider2, make_proxy, http,

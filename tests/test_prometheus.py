@@ -6,9 +6,7 @@ import asyncio
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 
-import pytest
 import yaml
 
 from tests.deploy_support import (
@@ -107,14 +105,6 @@ def test_promql_metric_names_reads_selectors_not_functions_or_labels():
 
 # --------------------------------------------------------------------------- a real Prometheus
 
-
-@pytest.fixture
-def prometheus_servers() -> Iterator[list[PrometheusServer]]:
-    """Prometheus servers a test starts; each is stopped by its PID afterwards."""
-    servers: list[PrometheusServer] = []
-    yield servers
-    for server in servers:
-        server.stop()
 
 
 async def test_real_prometheus_scrapes_the_proxy(mock_provider, mock_provider2, make_proxy, http,
