@@ -1,7 +1,8 @@
 """A naive aiohttp + uvloop pass-through: the floor any Python proxy hop pays.
 
 No policies, no logs, no metrics: read the request, send it to the upstream on one pooled
-session, buffer the answer (an SSE stream is relayed chunk by chunk), send it back. ``python bench/naive_proxy.py LISTEN UPSTREAM``.
+session, buffer the answer (an SSE stream is relayed chunk by chunk), send it back.
+``python bench/naive_proxy.py LISTEN UPSTREAM``.
 """
 
 from __future__ import annotations
