@@ -22,7 +22,8 @@ from yarl import URL
 from proxy.call import Call, Reply, ReplyStream
 from proxy.config import ProviderConfig, TierConfig
 from proxy.errors import Timeout, UpstreamError
-from proxy.h1 import ConnectError, Pool, ResetError, Response
+from proxy.h1 import ConnectError, ResetError, Response
+from proxy.h1_pool import Pool
 from proxy.headers import HeaderRules, response_headers
 
 #: the provider closed or broke the connection, or sent a malformed response

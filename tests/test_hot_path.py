@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from policies.cache_key import CacheKey
 from proxy import accesslog
-from proxy.h1 import Connection, Pool, ProtocolError, ResetError
+from proxy.h1 import Connection, ProtocolError, ResetError
+from proxy.h1_pool import Pool
 from tests.conftest import access_lines
 from tests.core_support import RawUpstream
 
