@@ -93,7 +93,9 @@ class BudgetStage:
         if reply.stream is not None:
             reply.stream.on_close.append(lambda completed: self._settle(holds, call, reply))
             return reply
-        await self._settle(holds, call, reply)
+        settling = self._settle(holds, call, reply)
+        if settling is not None:
+            await settling
         return reply
 
     def _estimates(self, call: Call, budget: Budget) -> tuple[int, int]:
@@ -130,8 +132,12 @@ class BudgetStage:
 
     def _settle(self, holds: list[Hold], call: Call, reply: Reply) -> Any:
         counted = (reply.source == "provider" and reply.status < 400) or call.spent_usd > 0
-        tasks = [h.budget.finish(h, call.spent_usd, counted, call.request_id) for h in holds]
-        if len(tasks) == 1:  # the usual case: no gather future on top of the task
+        tasks = [task for h in holds
+                 if (task := h.budget.finish(h, call.spent_usd, counted, call.request_id))
+                 is not None]  # None: settled in place (the memory ledger)
+        if not tasks:
+            return None
+        if len(tasks) == 1:  # no gather future on top of the task
             return asyncio.shield(tasks[0])
         return asyncio.shield(asyncio.gather(*tasks))
 

@@ -26,6 +26,7 @@ from proxy.state.ledger import (
     CounterRef,
     Ledger,
     Limits,
+    MemoryLedger,
     Reservation,
     Totals,
     Window,
@@ -94,6 +95,8 @@ class Budget:
         self.limits = limits_of(cfg)
         self.priced = cfg.limit_usd is not None
         self._ledger = ledger
+        # the memory ledger is atomic and never waits: settled in place, without a task
+        self._inplace = ledger if isinstance(ledger, MemoryLedger) else None
         self._deps = deps
         self._tz = ZoneInfo(cfg.timezone)
         self._header = None if cfg.per == "global" else cfg.per.removeprefix("header:")
@@ -167,12 +170,25 @@ class Budget:
         return Hold(self, res.reservation, display)
 
     def finish(self, hold: Hold, cost_usd: float, counted: bool,
-               request_id: str) -> asyncio.Task[None]:
+               request_id: str) -> asyncio.Task[None] | None:
         """Settle (or refund) in a task of its own: it completes even if the request is
-        cancelled meanwhile; ``flush`` waits for it at shutdown."""
+        cancelled meanwhile; ``flush`` waits for it at shutdown. With the memory ledger
+        (atomic, no I/O) it is settled here and now: None, nothing to wait for."""
+        cost_nano = usd_to_nano(cost_usd)
+        ledger = self._inplace
+        if ledger is not None:
+            now = self._deps.clock.time()
+            reservation = hold.reservation
+            new: tuple[str, ...] = ()
+            if cost_nano == 0 and not counted:
+                totals = ledger.refund_now(reservation, now)
+            else:
+                res = ledger.settle_now(reservation, cost_nano, counted, self.limits, now)
+                totals, new = res.totals, res.new_flags
+            self._settled(reservation, hold.display, totals, new, request_id, now)
+            return None
         task = asyncio.get_running_loop().create_task(
-            self._settle(hold.reservation, hold.display, usd_to_nano(cost_usd), counted,
-                         request_id))
+            self._settle(hold.reservation, hold.display, cost_nano, counted, request_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -192,6 +208,10 @@ class Budget:
             if cost_nano or counted:
                 self._pending.append((reservation, display, cost_nano, counted))
             return
+        self._settled(reservation, display, totals, new, request_id, now)
+
+    def _settled(self, reservation: Reservation, display: str, totals: Totals,
+                 new: tuple[str, ...], request_id: str | None, now: float) -> None:
         self._ok()
         win = self.window(now)
         if reservation.counter.window == win.id:

@@ -243,6 +243,7 @@ class MemoryLedger:
     def __init__(self) -> None:
         self._counters: dict[tuple[str, str], _Counter] = {}
         self._next_sweep = 0.0
+        self._seq = 0
 
     def _counter(self, ref: CounterRef, now: float) -> _Counter:
         if now >= self._next_sweep:
@@ -267,7 +268,9 @@ class MemoryLedger:
                 c.flags.add(limits.refuse_flag)
                 new = (limits.refuse_flag,)
             return ReserveResult(False, degraded, None, c.totals(), new)
-        member = _member(estimate)
+        # unique within this process is enough here (no syscall per request, as urandom is)
+        self._seq += 1
+        member = f"m{self._seq:x}:{estimate}"
         c.holds[member] = estimate
         heapq.heappush(c.expiry, (hold_until, member))
         if len(c.expiry) > 2 * len(c.holds) + 256:  # settled holds left in the heap: compact
@@ -279,6 +282,12 @@ class MemoryLedger:
 
     async def settle(self, reservation: Reservation, cost_nano: int, counted: bool,
                      limits: Limits, now: float) -> SettleResult:
+        return self.settle_now(reservation, cost_nano, counted, limits, now)
+
+    def settle_now(self, reservation: Reservation, cost_nano: int, counted: bool,
+                   limits: Limits, now: float) -> SettleResult:
+        """:meth:`settle` without the coroutine: a caller that knows it holds a memory
+        ledger settles in place, with no task or future per request."""
         c = self._counter(reservation.counter, now)
         if not c.first_settle(reservation.member, now):
             return SettleResult(c.totals(), (), applied=False)
@@ -295,6 +304,9 @@ class MemoryLedger:
         return SettleResult(c.totals(), tuple(new))
 
     async def refund(self, reservation: Reservation, now: float) -> Totals:
+        return self.refund_now(reservation, now)
+
+    def refund_now(self, reservation: Reservation, now: float) -> Totals:
         c = self._counter(reservation.counter, now)
         c.release(reservation.member)
         return c.totals()
