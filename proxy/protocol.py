@@ -77,14 +77,19 @@ def _json_error(status: int, type_: str, message: str) -> web.Response:
 class HeaderTimeoutProtocol(RequestHandler):
     """One client connection: a header-read timer, JSON parse errors, drain-aware."""
 
-    __slots__ = ("_rp_busy", "_rp_handle", "_rp_payload", "_rp_server", "_rp_timeout_s")
+    __slots__ = ("_rp_busy", "_rp_deadline", "_rp_handle", "_rp_payload", "_rp_server",
+                 "_rp_timeout_s")
 
     def __init__(self, manager: DataServer, *, header_read_timeout: float,
                  **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._rp_server = manager
         self._rp_timeout_s = header_read_timeout
+        #: one timer per connection, re-armed lazily: a head that completes only clears
+        #: ``_rp_deadline`` (no cancel, no new timer per request); when the timer fires
+        #: early for a later deadline it re-arms itself for that one
         self._rp_handle: asyncio.TimerHandle | None = None
+        self._rp_deadline: float | None = None
         self._rp_busy = False
         #: the body of the latest request (unread bytes of it are not a head)
         self._rp_payload: StreamReader | None = None
@@ -98,22 +103,24 @@ class HeaderTimeoutProtocol(RequestHandler):
         return not self._rp_busy and (payload is None or payload.is_eof())
 
     def data_received(self, data: bytes) -> None:
-        if self._rp_handle is None and self._rp_timeout_s > 0 and self._rp_awaiting_head():
+        if self._rp_deadline is None and self._rp_timeout_s > 0 and self._rp_awaiting_head():
             loop = asyncio.get_running_loop()
-            self._rp_handle = loop.call_later(self._rp_timeout_s, self._rp_expired)
+            deadline = self._rp_deadline = loop.time() + self._rp_timeout_s
+            if self._rp_handle is None:
+                self._rp_handle = loop.call_at(deadline, self._rp_expired)
         super().data_received(data)
 
     def request_arrived(self, payload: StreamReader) -> None:
         """A request's head is complete (called by the server's request factory)."""
         self._rp_busy = True
         self._rp_payload = payload
-        self._cancel_timer()
+        self._rp_deadline = None
         self._rp_server.busy.add(self)
 
     def request_started(self) -> None:
         """The data plane's handler runs (the head is complete)."""
         self._rp_busy = True
-        self._cancel_timer()
+        self._rp_deadline = None
 
     def request_ended(self) -> None:
         """The handler is done; the next head's first byte starts its timer."""
@@ -140,12 +147,21 @@ class HeaderTimeoutProtocol(RequestHandler):
         return _json_error(500, "internal_error", "internal error")
 
     def _cancel_timer(self) -> None:
+        self._rp_deadline = None
         if self._rp_handle is not None:
             self._rp_handle.cancel()
             self._rp_handle = None
 
     def _rp_expired(self) -> None:
         self._rp_handle = None
+        deadline = self._rp_deadline
+        if deadline is None:  # the head it was armed for completed: nothing to time now
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:  # armed for an earlier head: wait for this one's
+            self._rp_handle = loop.call_at(deadline, self._rp_expired)
+            return
+        self._rp_deadline = None
         if not self._rp_awaiting_head():
             return
         transport = self.transport
