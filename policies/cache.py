@@ -75,12 +75,34 @@ Outcome = Shared | ProxyError | Signal
 
 
 class Flight:
-    __slots__ = ("deadline", "future", "lease")
+    """One leader's call in progress. The future is made only when a follower first waits
+    (most flights have none); ``outcome`` is set once, when the flight settles."""
+
+    __slots__ = ("_future", "deadline", "lease", "outcome", "settled")
 
     def __init__(self, deadline: float) -> None:
-        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._future: asyncio.Future[Outcome] | None = None
         self.deadline = deadline  # the leader's: a flight never outlives its request
         self.lease: bytes | None = None  # our token while this replica holds the Redis lease
+        self.settled = False
+        self.outcome: Outcome = Signal.HANDOVER
+
+    def waiter(self) -> asyncio.Future[Outcome]:
+        """What a follower waits on (done once the flight settles)."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            if self.settled:
+                self._future.set_result(self.outcome)
+        return self._future
+
+    def settle(self, outcome: Outcome) -> None:
+        """The first outcome wins (later ones are ignored)."""
+        if self.settled:
+            return
+        self.settled = True
+        self.outcome = outcome
+        if self._future is not None and not self._future.done():
+            self._future.set_result(outcome)
 
 
 class CacheStore:
@@ -176,7 +198,9 @@ class Cache:
             raise
         finally:
             if outcome is not Signal.DEFERRED:
-                await self._settle(key, flight, outcome)
+                self._land(key, flight, outcome)
+                if flight.lease is not None:
+                    await self._unlease(key, flight.lease)
 
     async def _lease(self, call: Call, key: str, flight: Flight) -> Entry | None:
         """Across replicas: take the lease (None: we lead) or find the leader's entry."""
@@ -199,15 +223,20 @@ class Cache:
                 return entry
 
     async def _settle(self, key: str, flight: Flight, outcome: Outcome) -> None:
+        self._land(key, flight, outcome)
+        if flight.lease is not None:
+            await self._unlease(key, flight.lease)
+
+    def _land(self, key: str, flight: Flight, outcome: Outcome) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-        if not flight.future.done():
-            flight.future.set_result(outcome)
-        if flight.lease is not None:
-            try:
-                await self._kv.delete_if_equals(key + ":lease", flight.lease)
-            except StateError:
-                pass  # it expires with the leader's deadline
+        flight.settle(outcome)
+
+    async def _unlease(self, key: str, lease: bytes) -> None:
+        try:
+            await self._kv.delete_if_equals(key + ":lease", lease)
+        except StateError:
+            pass  # it expires with the leader's deadline
 
     async def _keep(self, call: Call, key: str, reply: Reply, flight: Flight | None,
                     store: bool = True) -> tuple[Reply, Outcome]:
@@ -263,10 +292,10 @@ class Cache:
         is dropped and handed over, so a key can never stay stuck behind a dead leader."""
         now = self._clock.monotonic()
         wait_s = min(call.deadline, flight.deadline + _POLL_MAX_S) - now
-        if wait_s > 0:
-            await asyncio.wait([flight.future], timeout=wait_s)
-        if flight.future.done():
-            return flight.future.result()
+        if wait_s > 0 and not flight.settled:
+            await asyncio.wait([flight.waiter()], timeout=wait_s)
+        if flight.settled:
+            return flight.outcome
         if call.time_left() <= 0:
             raise Timeout("total", call.arm.timeout.total)
         if self._flights.get(key) is flight:
