@@ -114,6 +114,7 @@ class Budget:
         gauge_key = "global" if self._header is None else "per_key_max"
         self._spend_gauge = m.budget_spend_usd.labels(name, gauge_key)
         self._util_gauge = m.budget_utilization.labels(name, gauge_key)
+        self._shown: tuple[float, float] | None = None  # what the two gauges show
         self._crossings = m.budget_crossings
         if self._header is None:
             self._keys["global"] = self._tag + "global"
@@ -269,8 +270,11 @@ class Budget:
             if peak_win == win.id and util < peak:
                 return
             self._peak = (win.id, util)
-        self._spend_gauge.set(totals.spend_nano / NANO_PER_USD)
-        self._util_gauge.set(util)
+        spend = totals.spend_nano / NANO_PER_USD
+        if (spend, util) != self._shown:  # a reservation changes neither: no lock, no set
+            self._shown = (spend, util)
+            self._spend_gauge.set(spend)
+            self._util_gauge.set(util)
 
     def _announce(self, flags: tuple[str, ...], display: str, totals: Totals,
                   request_id: str | None, trigger: str) -> None:

@@ -112,7 +112,12 @@ class Retry:
         budget = self._budget
         budget.requests += 1
         try:
-            outcome = await _attempt(call, next_)
+            try:  # the first try inline: no extra coroutine frame on every request
+                outcome: Reply | ProxyError = await next_(call)
+            except ProxyError as exc:
+                if not exc.attempt:
+                    raise
+                outcome = exc
             for retry_index in range(self._attempts - 1):
                 decision = classify(outcome, self._cfg, self._clock.time())
                 if decision.verdict is not Verdict.RETRY or _committed(outcome):
