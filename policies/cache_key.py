@@ -23,13 +23,14 @@ from proxy.config import CacheKeyConfig
 
 #: sha256 over this, then each part as its 8-byte big-endian length and its bytes
 _KEY_PREFIX = b"rp-cache-key-1"
+_PREFIXES_MAX = 1024
 
 
 class CacheKey:
     """Builds a request's cache key (hex sha256); compiled once per route."""
 
-    __slots__ = ("_body", "_credentials", "_headers", "_ignore", "_names", "_route",
-                 "_route_part")
+    __slots__ = ("_body", "_credentials", "_headers", "_ignore", "_names", "_prefixes",
+                 "_route", "_route_part")
 
     def __init__(self, route: str, cfg: CacheKeyConfig, credentials: Iterable[str] = ()) -> None:
         self._route = route.encode()
@@ -39,14 +40,25 @@ class CacheKey:
         self._ignore = tuple(tuple(p.split(".")) for p in cfg.ignore_json_fields)
         self._credentials = tuple(sorted(credentials))
         self._names = self._headers + self._credentials
+        #: the encoded head parts by (method, path, query, arm, client): most requests
+        #: repeat a handful of them (bounded: cleared when full)
+        self._prefixes: dict[tuple[str, str, str, str, str], bytes] = {}
 
     def __call__(self, call: Call) -> str:
         # every part length-prefixed, hashed in one call
-        parts = [_KEY_PREFIX]
-        for text in (call.method, call.path, call.query, call.arm.name, call.client_id or ""):
-            data = text.encode(errors="surrogatepass")
-            parts += (len(data).to_bytes(8, "big"), data)
-        parts.append(self._route_part)
+        head = (call.method, call.path, call.query, call.arm.name, call.client_id or "")
+        prefix = self._prefixes.get(head)
+        if prefix is None:
+            pieces = [_KEY_PREFIX]
+            for text in head:
+                data = text.encode(errors="surrogatepass")
+                pieces += (len(data).to_bytes(8, "big"), data)
+            pieces.append(self._route_part)
+            prefix = b"".join(pieces)
+            if len(self._prefixes) >= _PREFIXES_MAX:
+                self._prefixes.clear()
+            self._prefixes[head] = prefix
+        parts = [prefix]
         headers = call.headers
         for name in self._names:
             values = headers.getall(name, None)
