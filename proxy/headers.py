@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -38,26 +38,9 @@ class HeaderRules:
         self.drop = frozenset(drop)
         self.inject = tuple(configured.items())
 
-    def upstream(self, client: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-        """Headers for the upstream request."""
-        drop = self.drop
-        conn = client.get("connection")
-        if conn:
-            drop = drop | {t.strip().lower() for t in conn.split(",")}
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in client.items():
-            low = name.lower()
-            if low in drop or low.startswith("x-rp-"):
-                continue
-            out.add(name, value)
-        for name, value in self.inject:
-            out[name] = value
-        out["x-request-id"] = request_id
-        return out
-
     def client_items(self, client: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-        """The client's headers that go upstream, as a list (no multidict per request): what
-        :meth:`upstream` keeps of them; the caller adds ``inject`` and ``x-request-id``."""
+        """The client's headers that go upstream, as a list (no multidict per request); the
+        caller adds ``inject`` (the provider's configured headers) and ``x-request-id``."""
         drop = self.drop
         conn = client.get("connection")
         if conn:
