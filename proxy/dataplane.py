@@ -14,21 +14,21 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.accesslog import AccessLog
 from proxy.call import Call, Reply
 from proxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError, Timeout, UpstreamError
 from proxy.metrics import status_class
-from proxy.protocol import SERVER_NAME, HeaderTimeoutProtocol
+from proxy.protocol import Request
 
 if TYPE_CHECKING:
     from proxy.runtime import CompiledRoute, Runtime
     from proxy.server import ProxyServer
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_JSON_HEADERS = (("content-type", "application/json"), ("server", SERVER_NAME))
+#: reply headers the proxy writes itself: framing (the server's), its banner, its own
+_OWN = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "server",
+                  "date"})
 
 
 class Overloaded(ProxyError):
@@ -60,7 +60,7 @@ def new_request_id() -> str:
 
 
 class DataPlane:
-    """The handler given to aiohttp's low-level server."""
+    """The handler given to the data plane's server (:mod:`proxy.protocol`)."""
 
     def __init__(self, server: ProxyServer) -> None:
         self._server = server
@@ -75,23 +75,19 @@ class DataPlane:
         self._requests_children: dict[tuple[str, int, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> None:
         started = self._clock.monotonic()
         rt = self._server.runtime
         rt.active += 1
         self.in_flight += 1
         self._in_flight_gauge.inc()
-        proto = request.protocol
-        if isinstance(proto, HeaderTimeoutProtocol):
-            proto.request_started()
         server_cfg = rt.loaded.config.server
         rid = request.headers.get("x-request-id")
         if not (server_cfg.trust_request_id and rid and _REQUEST_ID.fullmatch(rid)):
             rid = new_request_id()
         # the origin-form path and raw query, also for an absolute-form target
         # ("GET http://other-host/v1/x"): its scheme and host are ignored, never followed
-        url = request.rel_url
-        path = url.raw_path
+        path = request.path
         route = rt.match(request.method, path, request.headers)
         done = _Done()
         call: Call | None = None
@@ -106,20 +102,19 @@ class DataPlane:
             body = await _read_body(request, server_cfg.max_request_body, deadline - started)
             call = Call(
                 runtime=rt, route=route, clock=self._clock, request_id=rid,
-                method=request.method, path=path, query=url.raw_query_string,
+                method=request.method, path=path, query=request.query,
                 headers=request.headers, body=body, remote=request.remote, started=started,
                 deadline=deadline,
             )
             call.timings["t_queue"] = (self._clock.monotonic() - started) * 1000
             reply = await route.handler(call)
             done.reply = reply
-            return await self._respond(request, call, reply, done)
+            await self._respond(request, call, reply, done)
         except ProxyError as exc:
             done.status, done.outcome, done.error = exc.status, exc.type, exc.message
-            resp = _error_response(exc, rid, route, call)
             if exc.status in (408, 413):  # the body was not read: the connection cannot go on
-                resp.force_close()
-            return resp
+                request.force_close()
+            _error_response(request, exc, rid, route, call)
         except asyncio.CancelledError:
             done.status, done.outcome = 499, "client_disconnected"
             raise
@@ -129,44 +124,45 @@ class DataPlane:
         except Exception as exc:  # the boundary: never a traceback with secrets to the client
             self._log.error("internal_error", request_id=rid, error=type(exc).__name__,
                             exc_info=True)
-            err = ProxyError("internal error")
             done.status, done.outcome = 500, "internal_error"
-            return _error_response(err, rid, route, call)
+            if request.head_sent:  # an answer already started: only cutting it is left
+                request.abort()
+            else:
+                _error_response(request, ProxyError("internal error"), rid, route, call)
         finally:
             self.in_flight -= 1
             self._in_flight_gauge.dec()
-            if isinstance(proto, HeaderTimeoutProtocol):
-                proto.request_ended()
             self._finish(request, rt, route, call, done, started, rid)
 
-    async def _respond(self, request: web.BaseRequest, call: Call, reply: Reply,
-                       done: _Done) -> web.StreamResponse:
+    async def _respond(self, request: Request, call: Call, reply: Reply, done: _Done) -> None:
         added = _annotations(call, reply)
-        names = {name for name, _ in added}
-        # the reply's headers minus those the proxy sets, then the proxy's: one list, made
-        # into aiohttp's multidict once
+        names = _OWN.union([name for name, _ in added])
+        # the reply's headers minus those the proxy sets, then the proxy's: one list
         headers = [(k, v) for k, v in reply.headers if k.lower() not in names]
         headers += added
         done.status = reply.status
         done.outcome = _outcome(reply)
         if reply.stream is None:
-            return web.Response(status=reply.status, body=reply.body, headers=headers)
-        return await self._relay_stream(request, call, reply, headers, done)
+            if reply.body and not any(k.lower() == "content-type" for k, _ in headers):
+                headers.append(("content-type", "application/octet-stream"))
+            request.respond(reply.status, headers, reply.body or b"")
+            return
+        await self._relay_stream(request, call, reply, headers, done)
 
-    async def _relay_stream(self, request: web.BaseRequest, call: Call, reply: Reply,
-                            headers: list[tuple[str, str]], done: _Done) -> web.StreamResponse:
+    async def _relay_stream(self, request: Request, call: Call, reply: Reply,
+                            headers: list[tuple[str, str]], done: _Done) -> None:
         stream = reply.stream
         assert stream is not None
-        resp = web.StreamResponse(status=reply.status, headers=headers)
-        sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+        sse = any(k.lower() == "content-type" and v.startswith("text/event-stream")
+                  for k, v in headers)
         completed = False
         idle_s = call.arm.timeout.idle
         relay_started = self._clock.monotonic()
         try:
-            await resp.prepare(request)
+            request.start_stream(reply.status, headers)
             for observe in stream.observers:
                 observe(stream.first)
-            await resp.write(stream.first)
+            await request.write(stream.first)
             chunks = aiter(stream)
             while True:
                 left = call.time_left()
@@ -181,25 +177,23 @@ class DataPlane:
                     raise Timeout(timer, named) from None
                 for observe in stream.observers:
                     observe(chunk)
-                await resp.write(chunk)
-            await resp.write_eof()
+                await request.write(chunk)
+            await request.write_eof()
             completed = True
-            return resp
         except (Timeout, UpstreamError) as exc:
             done.outcome, done.error = "stream_interrupted", exc.message
             if sse:
                 err = {"error": {"type": exc.type, "message": exc.message,
                                  "request_id": call.request_id, "route": call.route.name}}
-                await resp.write(b"event: error\ndata: " + orjson.dumps(err) + b"\n\n")
-                await resp.write_eof()
-            elif request.transport is not None:
-                request.transport.close()  # a non-SSE body is cut by closing the connection
-            return resp
+                await request.write(b"event: error\ndata: " + orjson.dumps(err) + b"\n\n")
+                await request.write_eof()
+            else:
+                request.abort()  # a non-SSE body is cut by closing the connection
         finally:
             call.timings["t_stream"] = (self._clock.monotonic() - relay_started) * 1000
             await stream.close(completed)
 
-    def _finish(self, request: web.BaseRequest, rt: Runtime, route: CompiledRoute | None,
+    def _finish(self, request: Request, rt: Runtime, route: CompiledRoute | None,
                 call: Call | None, done: _Done, started: float, rid: str) -> None:
         elapsed = self._clock.monotonic() - started
         route_name = route.name if route is not None else "_none"
@@ -226,7 +220,7 @@ class DataPlane:
                 self._server.close_retired(rt)
 
 
-async def _read_body(request: web.BaseRequest, limit: int, within_s: float) -> bytes:
+async def _read_body(request: Request, limit: int, within_s: float) -> bytes:
     """The whole request body, refused (413) past ``limit`` bytes before anything is sent
     upstream, and read within ``within_s`` (the request's total), else 408."""
     length = request.content_length
@@ -234,28 +228,23 @@ async def _read_body(request: web.BaseRequest, limit: int, within_s: float) -> b
         raise BodyTooLarge(f"request body of {length} bytes is over the {limit}-byte limit")
     if not request.body_exists:
         return b""
-    if request.version >= (1, 1) and request.headers.get("expect", "").lower() == "100-continue":
-        # the client waits for this before sending its body (curl does for large bodies);
-        # an oversized body was refused above, before the client sent it
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    content = request.content
-    if content.is_eof():  # the whole body came with the head (the usual case): no timer
-        body = content.read_nowait()
-        if len(body) > limit:
-            raise BodyTooLarge(f"request body is over the {limit}-byte limit")
-        return body
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(within_s):
-            async for chunk in content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(f"request body is over the {limit}-byte limit")
-                parts.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {within_s:g}s") from None
-    return b"".join(parts)
+    if not request.body_complete:  # the body did not come with the head: wait, bounded
+        if request.expect_continue:
+            # the client waits for this before sending its body (curl does for large
+            # bodies); an oversized body was refused above, before the client sent it
+            request.send_continue()
+        try:
+            async with asyncio.timeout(within_s):
+                await request.wait_body()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {within_s:g}s") from None
+    if request.error is not None:
+        raise BadRequest(request.error)
+    body = request.body()
+    if request.too_large or len(body) > limit:
+        raise BodyTooLarge(f"request body is over the {limit}-byte limit")
+    return body
 
 
 _DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
@@ -275,8 +264,7 @@ def _has_dot_segment(path: str) -> bool:
 
 def _annotations(call: Call, reply: Reply) -> list[tuple[str, str]]:
     """The headers the proxy adds to (or replaces in) a reply (DESIGN §4)."""
-    out = [("server", SERVER_NAME),  # the proxy's answer: not the provider's banner
-           ("x-request-id", call.request_id), ("x-rp-route", call.route.name)]
+    out = [("x-request-id", call.request_id), ("x-rp-route", call.route.name)]
     if reply.provider is not None:
         out.append(("x-rp-provider", reply.provider))
     if reply.model is not None:
@@ -308,29 +296,28 @@ def _outcome(reply: Reply) -> str:
     return "fallback" if reply.fallback_reason is not None else "ok"
 
 
-def _error_response(exc: ProxyError, rid: str, route: CompiledRoute | None,
-                    call: Call | None) -> web.Response:
+def _error_response(request: Request, exc: ProxyError, rid: str, route: CompiledRoute | None,
+                    call: Call | None) -> None:
     route_name = route.name if route is not None else None
     body = {"error": {"type": exc.type, "message": exc.message, "request_id": rid,
                       "route": route_name}}
-    headers: CIMultiDict[str] = CIMultiDict(_JSON_HEADERS)
-    headers["x-request-id"] = rid
+    headers = [("content-type", "application/json"), ("x-request-id", rid)]
     if route_name is not None:
-        headers["x-rp-route"] = route_name
+        headers.append(("x-rp-route", route_name))
     if call is not None:
-        headers["x-rp-attempts"] = str(len(call.attempts))
+        headers.append(("x-rp-attempts", str(len(call.attempts))))
         if call.cache_status is not None:
-            headers["x-rp-cache"] = call.cache_status
+            headers.append(("x-rp-cache", call.cache_status))
         if call.canary is not None:
-            headers["x-rp-canary"] = call.canary
+            headers.append(("x-rp-canary", call.canary))
         if call.fallback_reason is not None:
-            headers["x-rp-fallback"] = call.fallback_reason
+            headers.append(("x-rp-fallback", call.fallback_reason))
     if exc.retry_after_s is not None:
-        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return web.Response(status=exc.status, body=orjson.dumps(body), headers=headers)
+        headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after_s)))))
+    request.respond(exc.status, headers, orjson.dumps(body))
 
 
-def _log_fields(request: web.BaseRequest, route: str, call: Call | None, done: _Done,
+def _log_fields(request: Request, route: str, call: Call | None, done: _Done,
                 rid: str, elapsed: float) -> dict[str, Any]:
     """The access-log line (DESIGN §5, types per §8): durations in ms are always floats
     (0.0 for a stage that did not run); ``t_upstream_first_byte`` is null when no upstream
@@ -339,7 +326,7 @@ def _log_fields(request: web.BaseRequest, route: str, call: Call | None, done: _
     prompt_version = request.headers.get("x-prompt-version")
     fields: dict[str, Any] = {
         "request_id": rid, "route": route, "method": request.method,
-        "path": request.rel_url.raw_path[:512], "status": done.status,
+        "path": request.path[:512], "status": done.status,
         "outcome": done.outcome, "provider": None, "used_model": None,
         "prompt_version": prompt_version[:128] if prompt_version is not None else None,
         "tier": None, "attempts": 0, "cache": None, "canary": None, "cost_usd": None,

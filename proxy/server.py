@@ -73,7 +73,6 @@ class ProxyServer:
         self.mock: MockProvider | None = None
         self._mock_runner: web.AppRunner | None = None
         self._mock_url: str | None = None
-        self._data_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self.data_url = ""
         self.admin_url = ""
@@ -101,16 +100,14 @@ class ProxyServer:
         self.dataplane = DataPlane(self)
         s = cfg.server
         lowlevel = self.lowlevel = DataServer(
-            self.dataplane, handler_cancellation=True, access_log=None,
-            max_field_size=s.max_header_size, max_line_size=s.max_header_size,
-            keepalive_timeout=s.keepalive_timeout, header_read_timeout=s.header_read_timeout,
-            on_rejected=self._rejected, in_flight=self._in_flight,
+            self.dataplane, header_read_timeout=s.header_read_timeout,
+            keepalive_timeout=s.keepalive_timeout, max_header_size=s.max_header_size,
+            body_cap=self._body_cap, on_rejected=self._rejected, in_flight=self._in_flight,
+            log_error=self._handler_failed,
         )
-        self._data_runner = web.ServerRunner(lowlevel, shutdown_timeout=s.drain_timeout)
-        await self._data_runner.setup()
         host, port = _split(listen or s.listen)
-        await web.TCPSite(self._data_runner, host, port, reuse_port=reuse_port).start()
-        self.data_url = _url(self._data_runner)
+        await lowlevel.listen(host, port, reuse_port=reuse_port)
+        self.data_url = _host_url(*lowlevel.address)
         from proxy.admin import admin_app
 
         self._admin_runner = web.AppRunner(admin_app(self), access_log=None,
@@ -121,6 +118,13 @@ class ProxyServer:
         self.admin_url = _url(self._admin_runner)
         self.deps.log.info("started", listen=self.data_url, admin=self.admin_url,
                            config=self.loaded.path, routes=len(cfg.routes))
+
+    def _body_cap(self) -> int:
+        """The most of a request body a connection buffers (the live config's limit)."""
+        return self.runtime.loaded.config.server.max_request_body
+
+    def _handler_failed(self) -> None:
+        self.deps.log.error("handler_failed", exc_info=True)
 
     def _in_flight(self) -> int:
         return self.dataplane.in_flight if self.dataplane is not None else 0
@@ -148,8 +152,8 @@ class ProxyServer:
         self.draining = True
         self.deps.log.info("draining", in_flight=self.dataplane.in_flight if self.dataplane else 0,
                            drain_timeout_s=self.loaded.config.server.drain_timeout)
-        if self._data_runner is not None:
-            await self._data_runner.cleanup()  # stops accepting, drains, cancels the rest
+        if self.lowlevel is not None:  # stops accepting, drains, cancels the rest
+            await self.lowlevel.shutdown(self.loaded.config.server.drain_timeout)
         finish_by = loop.time() + FINISH_S
         await self._bounded("flush", self._run_hooks("flush"), finish_by)
         for task in list(self._tasks):
@@ -307,6 +311,10 @@ class ProxyServer:
 
 def _url(runner: web.BaseRunner) -> str:
     host, port = runner.addresses[0][:2]
+    return _host_url(host, port)
+
+
+def _host_url(host: str, port: int) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
