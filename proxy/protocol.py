@@ -234,7 +234,8 @@ class Request:
 
     def _head(self, status: int, headers: list[tuple[str, str]], framing: bytes) -> bytes:
         conn = self._conn
-        if not (self.keep_alive and self.body_complete) or conn.server.draining:
+        if not (self.keep_alive and self.body_complete) or conn.server.draining \
+                or conn.server.keepalive_s <= 0:
             self.closing = True
         text = "".join([f"{k}: {v}\r\n" for k, v in headers])
         if text.count("\n") != len(headers) or text.count("\r") != len(headers):
@@ -253,6 +254,8 @@ class Request:
         if status in _NO_BODY or status < 200:
             head = self._head(status, headers, b"")
             body = b""
+        elif self.method == "HEAD" and not body:
+            head = self._head(status, headers, b"")  # a relayed HEAD: the length is not ours
         else:
             head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
         self.head_sent = True
@@ -326,6 +329,7 @@ class HttpConnection(asyncio.Protocol):
         "_fail",
         "_head_bytes",
         "_head_deadline",
+        "_head_started",
         "_headers",
         "_idle_deadline",
         "_in_head",
@@ -353,6 +357,8 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True
+        #: a head's first bytes were parsed (its end not yet)
+        self._head_started = False
         self._head_bytes = 0
         #: the request whose body is being parsed
         self._parsing: Request | None = None
@@ -443,18 +449,18 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             self._parse_failed(cause.reason if isinstance(cause, BadHead) else _MALFORMED)
-            return
         except httptools.HttpParserError:
             self._parse_failed(_MALFORMED)
-            return
-        if self._in_head and self._head_bytes > self.server.max_head:
-            self._parse_failed(_TOO_LONG)
-            return
+        else:
+            if self._in_head and self._head_bytes > self.server.max_head:
+                self._parse_failed(_TOO_LONG)
+        # requests complete before an error in the same read are still answered, in order
         if self._current is None and self._queue:
             self._start_next()
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._head_started = True
         self._url = b""
         self._headers = []
 
@@ -502,6 +508,7 @@ class HttpConnection(asyncio.Protocol):
         if expect is not None and expect.lower() == "100-continue" and version == "1.1":
             req.expect_continue = True
         self._in_head = False
+        self._head_started = False
         self._head_bytes = 0
         self._head_deadline = None
         self._parsing = req
@@ -602,13 +609,21 @@ class HttpConnection(asyncio.Protocol):
             self._start_next()
         elif self._fail is not None:
             self._refuse()
+        elif self._head_started:  # the next head came in part, behind this request
+            now = self._loop.time()
+            self._head_deadline = deadline = now + self.server.head_timeout_s
+            if deadline < self._timer_at:
+                self._arm(deadline)
         else:
             self._idle(self._loop.time())
 
     # ------------------------------------------------------------------ timers
 
     def _idle(self, now: float) -> None:
-        deadline = self._idle_deadline = now + self.server.keepalive_s
+        keepalive = self.server.keepalive_s
+        if keepalive <= 0:  # no keep-alive: a new connection's first head is bounded below
+            keepalive = self.server.first_head_s
+        deadline = self._idle_deadline = now + keepalive
         if deadline < self._timer_at:
             self._arm(deadline)
 
@@ -692,6 +707,8 @@ class DataServer:
         self.loop = asyncio.get_running_loop()
         self.head_timeout_s = header_read_timeout if header_read_timeout > 0 else math.inf
         self.keepalive_s = keepalive_timeout
+        #: with no keep-alive, how long a new connection may wait before its first byte
+        self.first_head_s = header_read_timeout if header_read_timeout > 0 else 10.0
         self.max_field = max_header_size
         self.max_head = max_header_size * HEAD_FACTOR
         self.body_cap = body_cap

@@ -143,10 +143,16 @@ class ProviderClient:
             raise UpstreamError(f"provider '{self.name}' closed the connection",
                                 kind="reset") from None
         try:
-            return await self._read(resp)
+            reply = await self._read(resp)
         except BaseException:
             resp.close()
             raise
+        if call.method == "HEAD":
+            # the length a GET would get: a HEAD answer states it without a body
+            length = resp.header("content-length")
+            if length is not None and length.isdigit() and length.isascii():
+                reply.headers.append(("content-length", length))
+        return reply
 
     async def _read(self, resp: Response) -> Reply:
         headers = response_headers(resp.headers, resp.header("connection"))

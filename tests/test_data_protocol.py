@@ -176,11 +176,6 @@ async def test_deep_pipeline_pauses_and_resumes_reading(proxy, mock_provider):
     assert [r["body"].encode() for r in received] == bodies
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: protocol.HttpConnection.data_received returns on a parse error without starting "
-    "the requests completed by the same feed_data; llhttp refuses data after a "
-    "'Connection: close' message, so the first request is never answered and the connection "
-    "hangs (reading paused, no timer armed while the queue is not empty)"))
 async def test_connection_close_ends_the_pipeline(proxy, mock_provider):
     """A request saying ``Connection: close`` with another pipelined behind it in the same
     write: the first is answered (``connection: close``), the connection closed, and what
@@ -197,10 +192,6 @@ async def test_connection_close_ends_the_pipeline(proxy, mock_provider):
     assert [r["path"] for r in mock_provider.mock.recent] == ["/v1/plain/first"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: same root cause as test_connection_close_ends_the_pipeline: a parse error in a "
-    "later request of the same read strands the complete requests before it in the queue; "
-    "nothing is answered, nothing logged, the connection hangs past every timeout"))
 async def test_good_then_malformed_in_one_write(proxy, mock_provider, logs):
     """A good request followed, in the same write, by a malformed one: the good one is
     answered first, then the proxy's JSON 400, and the connection closes (the module
@@ -247,10 +238,6 @@ async def test_head_has_length_but_no_body(proxy, mock_provider):
     assert [r["method"] for r in mock_provider.mock.recent] == ["HEAD", "POST"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a relayed HEAD answer says 'content-length: 0' (Request.respond frames len(b'')) "
-    "although the upstream said 104 and a GET gets 104 bytes; RFC 9110 §8.6: a HEAD "
-    "answer's Content-Length, if sent, must equal the GET body's length"))
 async def test_head_content_length_matches_get(proxy, mock_provider):
     """The ``content-length`` of a relayed HEAD answer is the one a GET of the same resource
     gets (or is absent), never a made-up 0."""
@@ -368,12 +355,6 @@ async def test_keepalive_timeout_never_cuts_a_request_in_flight(mock_provider, m
         ("/v1/plain/slow", "{}"), ("/v1/plain/late", '{"late": true}')]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: with server.keepalive_timeout 0 (accepted by the config; HttpConnection._done "
-    "treats <= 0 as 'close after each answer') connection_made arms the idle timer at now + 0, "
-    "so every new connection is closed before its first request is read (the client gets a "
-    "reset, nothing is logged); and _head does not say 'connection: close' for keepalive 0 "
-    "although _done then closes the connection"))
 async def test_keepalive_zero_serves_one_request_per_connection(mock_provider, make_proxy):
     """``keepalive_timeout: 0`` means no keep-alive: a request is answered, with
     ``connection: close``, and the connection then closes."""
@@ -390,12 +371,6 @@ async def test_keepalive_zero_serves_one_request_per_connection(mock_provider, m
     assert mock_provider.mock.calls == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a partial head that arrives in the same read as a complete request gets no "
-    "header_read_timeout: on_headers_complete of the complete one clears _head_deadline and "
-    "_head_bytes, and nothing re-arms them for the partial head, so the stalled head is "
-    "closed silently at keepalive_timeout (75 s by default) instead of a 408 at "
-    "header_read_timeout (10 s): a slowloris bypass; measured 3.0 s with hrt 300 ms, ka 3 s"))
 async def test_pipelined_partial_head_gets_header_timeout(mock_provider, make_proxy, logs):
     """A complete request and the start of a second head in one write, then silence: the
     first is answered, and the stalled head gets 408 after header_read_timeout (200 ms),
