@@ -132,7 +132,8 @@ class Cache:
         self._coalesce = cfg.coalesce
         self._secrets = tuple(s.encode() for s in ctx.loaded.secrets if s)
         counter = ctx.deps.metrics.cache_requests
-        self._results = {r: counter.labels(ctx.route.name, r) for r in RESULTS}
+        self._results = {r: ctx.deps.metrics.counter(counter.labels(ctx.route.name, r))
+                         for r in RESULTS}
 
     async def __call__(self, call: Call, next_: Handler) -> Reply:
         mode = call.headers.get("x-rp-cache", "").strip().lower()

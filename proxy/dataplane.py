@@ -29,6 +29,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: reply headers the proxy writes itself: framing (the server's), its banner, its own
 _OWN = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "server",
                   "date"})
+#: a relayed HEAD answer keeps the provider's content-length (the length a GET would get)
+_OWN_HEAD = _OWN - {"content-length"}
 
 
 class Overloaded(ProxyError):
@@ -70,7 +72,12 @@ class DataPlane:
         self._log = server.deps.log
         self._access = AccessLog(server.deps.log)
         self.in_flight = 0
-        self._in_flight_gauge = server.deps.metrics.in_flight
+        #: set at each scrape; with --workers, moved per request (a scrape reads them all)
+        self._in_flight_gauge: Any = None
+        if server.deps.metrics.deferred:
+            server.deps.metrics.gauge_from(server.deps.metrics.in_flight, lambda: self.in_flight)
+        else:
+            self._in_flight_gauge = server.deps.metrics.in_flight
         #: Prometheus children by label values, looked up once (``labels()`` costs µs)
         self._requests_children: dict[tuple[str, int, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
@@ -80,7 +87,8 @@ class DataPlane:
         rt = self._server.runtime
         rt.active += 1
         self.in_flight += 1
-        self._in_flight_gauge.inc()
+        if self._in_flight_gauge is not None:
+            self._in_flight_gauge.inc()
         server_cfg = rt.loaded.config.server
         rid = request.headers.get("x-request-id")
         if not (server_cfg.trust_request_id and rid and _REQUEST_ID.fullmatch(rid)):
@@ -131,12 +139,14 @@ class DataPlane:
                 _error_response(request, ProxyError("internal error"), rid, route, call)
         finally:
             self.in_flight -= 1
-            self._in_flight_gauge.dec()
+            if self._in_flight_gauge is not None:
+                self._in_flight_gauge.dec()
             self._finish(request, rt, route, call, done, started, rid)
 
     async def _respond(self, request: Request, call: Call, reply: Reply, done: _Done) -> None:
         added = _annotations(call, reply)
-        names = _OWN.union([name for name, _ in added])
+        names = (_OWN if request.method != "HEAD" else _OWN_HEAD).union(
+            [name for name, _ in added])
         # the reply's headers minus those the proxy sets, then the proxy's: one list
         headers = [(k, v) for k, v in reply.headers if k.lower() not in names]
         headers += added
@@ -201,13 +211,14 @@ class DataPlane:
         key = (route_name, done.status, done.outcome)
         counter = self._requests_children.get(key)
         if counter is None:
-            counter = self._requests_children[key] = self._metrics.requests.labels(
-                route_name, status_class(done.status), done.outcome)
+            counter = self._requests_children[key] = self._metrics.counter(
+                self._metrics.requests.labels(route_name, status_class(done.status),
+                                              done.outcome))
         counter.inc()
         histogram = self._duration_children.get(route_name)
         if histogram is None:
-            histogram = self._duration_children[route_name] = \
-                self._metrics.request_duration.labels(route_name)
+            histogram = self._duration_children[route_name] = self._metrics.histogram(
+                self._metrics.request_duration.labels(route_name))
         histogram.observe(elapsed)
         if route is not None:
             fallback = reply is not None and reply.fallback_reason is not None

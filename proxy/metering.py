@@ -160,7 +160,7 @@ def output_cap(call: Call) -> int | None:
 class Meter:
     """The attempt stage: meter the reply ``send`` returned (see the module docstring)."""
 
-    __slots__ = ("_children", "_cost", "_fmt", "_pricing", "_provider", "_reader", "_route",
+    __slots__ = ("_children", "_cost", "_fmt", "_metrics", "_pricing", "_provider", "_reader", "_route",
                  "_tokens")
 
     def __init__(self, ctx: AttemptContext, pricing: Pricing) -> None:
@@ -170,6 +170,7 @@ class Meter:
         self._pricing = pricing
         self._provider = ctx.provider.name
         self._route = ctx.route.name
+        self._metrics = ctx.deps.metrics
         self._tokens = ctx.deps.metrics.tokens
         self._cost = ctx.deps.metrics.cost_usd
         #: per model label: the (input tokens, output tokens, cost) children, looked up once
@@ -219,10 +220,11 @@ class Meter:
         label = self._pricing.label(model)
         children = self._children.get(label)
         if children is None:  # labels are bounded per provider (Pricing.label)
+            fast = self._metrics
             children = self._children[label] = (
-                self._tokens.labels(self._provider, label, "input"),
-                self._tokens.labels(self._provider, label, "output"),
-                self._cost.labels(self._route, self._provider, label))
+                fast.counter(self._tokens.labels(self._provider, label, "input")),
+                fast.counter(self._tokens.labels(self._provider, label, "output")),
+                fast.counter(self._cost.labels(self._route, self._provider, label)))
         if usage is not None:
             children[0].inc(usage.input_tokens)
             children[1].inc(usage.output_tokens)

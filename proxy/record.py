@@ -16,7 +16,7 @@ from proxy.metrics import status_class
 
 
 class RecordAttempt:
-    __slots__ = ("_attempts", "_by_result", "_clock", "_duration", "_provider", "_route", "_tier",
+    __slots__ = ("_attempts", "_by_result", "_clock", "_duration", "_metrics", "_provider", "_route", "_tier",
                  "_tier_s")
 
     def __init__(self, ctx: AttemptContext) -> None:
@@ -27,7 +27,8 @@ class RecordAttempt:
         self._tier = ctx.tier_index
         self._tier_s = str(ctx.tier_index)
         self._attempts = m.upstream_attempts
-        self._duration = m.upstream_duration.labels(ctx.provider.name)
+        self._metrics = m
+        self._duration = m.histogram(m.upstream_duration.labels(ctx.provider.name))
         #: rp_upstream_attempts_total children by result, looked up once each
         self._by_result: dict[str, Any] = {}
 
@@ -53,8 +54,8 @@ class RecordAttempt:
             result = status_class(status) if status is not None else (error or "error")
             counter = self._by_result.get(result)
             if counter is None:
-                counter = self._by_result[result] = self._attempts.labels(
-                    self._route, self._provider, self._tier_s, result)
+                counter = self._by_result[result] = self._metrics.counter(self._attempts.labels(
+                    self._route, self._provider, self._tier_s, result))
             counter.inc()
 
 

@@ -186,6 +186,7 @@ class ProxyServer:
 
     def requests_total(self) -> int:
         """Requests this process answered: ``rp_requests_total`` summed over its labels."""
+        self.deps.metrics.flush()
         return int(sum(sample.value for metric in self.deps.metrics.requests.collect()
                        for sample in metric.samples if sample.name == "rp_requests_total"))
 

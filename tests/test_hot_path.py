@@ -263,7 +263,7 @@ routes: [{{name: chat, match: {{path_prefix: /v1/chat}}, provider: p}}]
     dataplane = proxy.dataplane
     assert dataplane is not None
     assert list(dataplane._requests_children) == [("chat", 200, "ok")]
-    assert dataplane._requests_children[("chat", 200, "ok")]._value.get() == 3.0
+    assert dataplane._requests_children[("chat", 200, "ok")].value() == 3.0
     assert list(dataplane._duration_children) == ["chat"]
 
 
@@ -386,3 +386,57 @@ routes: [{{name: chat, match: {{path_prefix: /v1/chat}}, provider: p, budgets: [
     finally:
         gc.enable()
     assert found < 40  # before: ~60 objects in cycles per stream
+
+
+# ---------------------------------------------------------------- deferred metrics
+
+
+def test_deferred_metrics_read_the_same_as_direct_ones():
+    """The hot path's deferred children (FastCounter, FastHistogram) expose exactly what
+    prometheus-client's own inc/observe would, as soon as anything reads the registry
+    (boundary values land in the bucket whose bound equals them, as prometheus-client's)."""
+    from proxy.metrics import Metrics
+
+    direct, fast = Metrics(), Metrics()
+    assert fast.deferred
+    values = [0.0, 0.005, 0.0051, 0.01, 0.3, 1.0, 29.9, 60.0, 119.0, 500.0, 0.025, 0.025]
+    h = fast.histogram(fast.request_duration.labels("r"))
+    c = fast.counter(fast.requests.labels("r", "2xx", "ok"))
+    assert fast.histogram(fast.request_duration.labels("r")) is h  # one per child
+    for v in values:
+        direct.request_duration.labels("r").observe(v)
+        direct.requests.labels("r", "2xx", "ok").inc()
+        h.observe(v)
+        c.inc()
+    assert c.value() == len(values)
+    key = {"route": "r", "code": "2xx", "outcome": "ok"}
+    assert fast.registry.get_sample_value("rp_requests_total", key) == len(values)
+
+    def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for metric in m.registry.collect() for s in metric.samples
+                if s.name.startswith(("rp_request_duration", "rp_requests_total"))
+                and not s.name.endswith("_created")}
+
+    assert samples(fast) == samples(direct)
+    h.observe(2.0)  # after a flush, increments keep accumulating and flush again
+    direct.request_duration.labels("r").observe(2.0)
+    assert samples(fast) == samples(direct)
+
+
+async def test_in_flight_gauge_is_read_at_scrape(mock_provider, make_proxy, http):
+    """rp_requests_in_flight is set from the data plane's count when scraped."""
+    proxy = await make_proxy(f"""
+providers: {{p: {{url: "{mock_provider.url}"}}}}
+routes: [{{name: slow, match: {{path_prefix: /v1}}, provider: p}}]
+""")
+    task = asyncio.ensure_future(http.post(proxy.data_url + "/v1/x",
+                                           headers={"x-mock-delay": "400ms"}))
+    for _ in range(100):
+        if proxy.dataplane.in_flight == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert "rp_requests_in_flight 1.0" in proxy.deps.metrics.render().decode()
+    resp = await task
+    resp.release()
+    assert "rp_requests_in_flight 0.0" in proxy.deps.metrics.render().decode()
