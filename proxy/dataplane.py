@@ -8,6 +8,7 @@ that went away). Proxy errors become JSON once, here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import re
@@ -57,8 +58,14 @@ class _Done:
         self.error: str | None = None
 
 
+#: request ids: 12 random hex digits per process, then a counter (24 hex digits in all,
+#: unique within the process, unlikely to repeat across processes; no syscall per request)
+_ID_PREFIX = os.urandom(6).hex()
+_ID_SEQ = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    return f"{_ID_PREFIX}{next(_ID_SEQ) & 0xFFFFFFFFFFFF:012x}"
 
 
 class DataPlane:
@@ -169,10 +176,9 @@ class DataPlane:
         idle_s = call.arm.timeout.idle
         relay_started = self._clock.monotonic()
         try:
-            request.start_stream(reply.status, headers)
             for observe in stream.observers:
                 observe(stream.first)
-            await request.write(stream.first)
+            await request.start_stream(reply.status, headers, stream.first)
             chunks = aiter(stream)
             while True:
                 left = call.time_left()

@@ -132,6 +132,7 @@ class Request:
     __slots__ = (
         "_cap",
         "_conn",
+        "_no_body",
         "_parts",
         "_size",
         "_stream_chunked",
@@ -180,6 +181,7 @@ class Request:
         self._cap = cap
         self._waiter: asyncio.Future[None] | None = None
         self._stream_chunked = False
+        self._no_body = False
 
     # ------------------------------------------------------------------ body
 
@@ -266,13 +268,15 @@ class Request:
         else:
             transport.write(head + body)
 
-    def start_stream(self, status: int, headers: list[tuple[str, str]]) -> None:
-        """The head of a streamed answer: chunked (close-delimited for HTTP/1.0)."""
+    async def start_stream(self, status: int, headers: list[tuple[str, str]],
+                           first: bytes = b"") -> None:
+        """The head of a streamed answer, chunked (close-delimited for HTTP/1.0), with its
+        first piece in the same write (one packet: the client's first byte comes sooner)."""
         transport = self._conn.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         if status in _NO_BODY or status < 200 or self.method == "HEAD":
-            framing = b""
+            framing, first = b"", b""  # no body: what the stream holds is not sent
         elif self.version == "1.0":
             self.closing = True
             framing = b""
@@ -280,8 +284,16 @@ class Request:
             framing = b"transfer-encoding: chunked\r\n"
         head = self._head(status, headers, framing)
         self._stream_chunked = bool(framing)
+        self._no_body = (not framing and self.version != "1.0") or self.method == "HEAD"
         self.head_sent = True
-        transport.write(head)
+        if not first:
+            transport.write(head)
+        elif framing:
+            transport.write(b"%s%x\r\n%s\r\n" % (head, len(first), first))
+        else:
+            transport.write(head + first)
+        if self._conn.paused:
+            await self._conn.drain()
 
     async def write(self, data: bytes) -> None:
         """One piece of a streamed answer, written as it is given (no buffering); waits
@@ -292,7 +304,7 @@ class Request:
         transport = conn.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
-        if self.method == "HEAD":
+        if self._no_body:
             return
         if self._stream_chunked:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
