@@ -79,12 +79,8 @@ class DataPlane:
         self._log = server.deps.log
         self._access = AccessLog(server.deps.log)
         self.in_flight = 0
-        #: set at each scrape; with --workers, moved per request (a scrape reads them all)
-        self._in_flight_gauge: Any = None
-        if server.deps.metrics.deferred:
-            server.deps.metrics.gauge_from(server.deps.metrics.in_flight, lambda: self.in_flight)
-        else:
-            self._in_flight_gauge = server.deps.metrics.in_flight
+        #: the gauge is set from this count at each flush (a scrape, or every FLUSH_S)
+        server.deps.metrics.gauge_from(server.deps.metrics.in_flight, lambda: self.in_flight)
         #: Prometheus children by label values, looked up once (``labels()`` costs µs)
         self._requests_children: dict[tuple[str, int, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
@@ -94,8 +90,6 @@ class DataPlane:
         rt = self._server.runtime
         rt.active += 1
         self.in_flight += 1
-        if self._in_flight_gauge is not None:
-            self._in_flight_gauge.inc()
         server_cfg = rt.loaded.config.server
         rid = request.headers.get("x-request-id")
         if not (server_cfg.trust_request_id and rid and _REQUEST_ID.fullmatch(rid)):
@@ -146,8 +140,6 @@ class DataPlane:
                 _error_response(request, ProxyError("internal error"), rid, route, call)
         finally:
             self.in_flight -= 1
-            if self._in_flight_gauge is not None:
-                self._in_flight_gauge.dec()
             self._finish(request, rt, route, call, done, started, rid)
 
     async def _respond(self, request: Request, call: Call, reply: Reply, done: _Done) -> None:

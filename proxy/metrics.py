@@ -14,8 +14,10 @@ series (requests, durations, attempts, tokens, cost, cache results, in flight) g
 :meth:`Metrics.counter` / :meth:`Metrics.histogram` instead: plain-float accumulators
 that are added to the real children when anything reads the registry (a collector
 registered first flushes them: ``/metrics``, ``get_sample_value``, ``render``). With
-``--workers`` (multiprocess mode) any worker may answer a scrape for all of them, so
-nothing is deferred there: the children are used as they are.
+``--workers`` (multiprocess mode) any worker may answer a scrape for all of them, so each
+worker also flushes every :data:`FLUSH_S` (and when it stops): a scrape sees another
+worker's last quarter-second late at most. (Without deferring, a multiprocess ``inc`` is a
+locked write into a memory-mapped file: ~17% more CPU per request with two workers.)
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+#: with --workers, how often each worker adds its deferred values to the shared files
+FLUSH_S = 0.25
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -108,8 +113,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
         self._fast: dict[int, FastCounter | FastHistogram] = {}
-        #: False in multiprocess mode (--workers): another worker may answer the scrape
-        self.deferred = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        #: multiprocess mode (--workers): flushed every FLUSH_S too (another worker may
+        #: answer the scrape)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self._gauges: list[tuple[Any, Any]] = []
         r.register(_Flusher(self))
         self.requests = Counter("rp_requests_total", "Requests answered, one per request.",
@@ -162,20 +168,16 @@ class Metrics:
         self.redactions = Counter("rp_redactions_total", "Values masked in request bodies.",
                                   ["route", "kind"], registry=r)
 
-    def counter(self, child: Any) -> Any:
+    def counter(self, child: Any) -> FastCounter:
         """The deferred form of a counter child (one per child: the same object each time)."""
-        if not self.deferred:
-            return child
         fast = self._fast.get(id(child))
         if fast is None:
             fast = self._fast[id(child)] = FastCounter(child)
         assert isinstance(fast, FastCounter)
         return fast
 
-    def histogram(self, child: Any) -> Any:
+    def histogram(self, child: Any) -> FastHistogram:
         """The deferred form of a histogram child (one per child)."""
-        if not self.deferred:
-            return child
         fast = self._fast.get(id(child))
         if fast is None:
             fast = self._fast[id(child)] = FastHistogram(child)

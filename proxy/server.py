@@ -30,7 +30,7 @@ from proxy.clock import Clock, SystemClock
 from proxy.context import Deps, Keeper
 from proxy.dataplane import DataPlane
 from proxy.loader import ConfigError, LoadedConfig, load_config
-from proxy.metrics import Metrics, status_class
+from proxy.metrics import FLUSH_S, Metrics, status_class
 from proxy.mock import MockProvider, start_mock
 from proxy.protocol import CANCEL_GRACE_S, DataServer
 from proxy.runtime import Runtime, build_runtime
@@ -97,6 +97,8 @@ class ProxyServer:
         self.deps.metrics.config_reloads.labels("ok").inc()
         self._publish_config_metrics()
         self._start_tasks()
+        if self.deps.metrics.multiprocess:  # another worker may answer a scrape
+            self.spawn(self._flush_metrics())
         self.dataplane = DataPlane(self)
         s = cfg.server
         lowlevel = self.lowlevel = DataServer(
@@ -118,6 +120,15 @@ class ProxyServer:
         self.admin_url = _url(self._admin_runner)
         self.deps.log.info("started", listen=self.data_url, admin=self.admin_url,
                            config=self.loaded.path, routes=len(cfg.routes))
+
+    async def _flush_metrics(self) -> None:
+        """With --workers: this worker's deferred metric values into the shared files."""
+        try:
+            while True:
+                await asyncio.sleep(FLUSH_S)
+                self.deps.metrics.flush()
+        finally:  # cancelled on stop, after the drain: the last requests are counted
+            self.deps.metrics.flush()
 
     def _body_cap(self) -> int:
         """The most of a request body a connection buffers (the live config's limit)."""

@@ -46,10 +46,15 @@ async def test_two_workers_share_port_and_metrics(tmp_path):
                 async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={},
                                   headers={"connection": "close"}) as r:
                     assert r.status == 200
-            async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
-                text = await r.text()
-        m = re.search(r'^rp_requests_total\{code="2xx",outcome="ok",route="chat"\} (\S+)$', text,
-                      re.M)
+            # each worker adds its values to the shared files every FLUSH_S (0.25 s)
+            for _ in range(40):
+                async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                    text = await r.text()
+                m = re.search(r'^rp_requests_total\{code="2xx",outcome="ok",route="chat"\} (\S+)$',
+                              text, re.M)
+                if m is not None and float(m.group(1)) == 60.0:
+                    break
+                await asyncio.sleep(0.1)
         assert m is not None and float(m.group(1)) == 60.0
         proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
