@@ -46,7 +46,8 @@ NOTES: dict[str, str] = {
     "server.max_concurrent_requests": "Requests served at once; more are refused with 503.",
     "server.max_header_size": "Longest request line or header.",
     "server.header_read_timeout": "Time allowed to receive a request's headers.",
-    "server.keepalive_timeout": "Idle client connections are closed after this.",
+    "server.keepalive_timeout": "Idle client connections are closed after this; `0`: one "
+                                "request per connection (answers say `connection: close`).",
     "state": "Where shared state (budgets, quotas, cache, canary, fleet rate limits) lives.",
     "state.backend": "`memory`: this process only; `redis`: shared by every replica.",
     "state.redis.url": "`redis://[:password@]host:port/db` (use `${REDIS_URL}`).",
