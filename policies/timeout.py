@@ -9,20 +9,21 @@ a route with no ``timeout`` block gets the safe defaults (30s / 120s / 30s / 60s
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 from proxy.call import Call, Handler, Reply
 from proxy.context import AttemptContext
 from proxy.errors import Timeout
+from proxy.timers import Timers
 
 
 class AttemptTimeout:
-    __slots__ = ("_attempt_s", "_total_s")
+    __slots__ = ("_attempt_s", "_timers", "_total_s")
 
-    def __init__(self, attempt_s: float, total_s: float) -> None:
+    def __init__(self, attempt_s: float, total_s: float, timers: Timers) -> None:
         self._attempt_s = attempt_s
         self._total_s = total_s
+        self._timers = timers
 
     async def __call__(self, call: Call, next_: Handler) -> Reply:
         left = call.time_left()
@@ -34,7 +35,7 @@ class AttemptTimeout:
             limit, timer, named = left, "total", self._total_s
         call.attempt_deadline = call.clock.monotonic() + limit
         try:
-            async with asyncio.timeout(limit):
+            with self._timers.after(limit):  # asyncio.timeout's semantics, no timer per use
                 return await next_(call)
         except TimeoutError:
             raise Timeout(timer, named) from None
@@ -44,4 +45,4 @@ class AttemptTimeout:
 
 def build_attempt(ctx: AttemptContext) -> AttemptTimeout:
     t = ctx.arm.timeout
-    return AttemptTimeout(t.attempt, t.total)
+    return AttemptTimeout(t.attempt, t.total, ctx.deps.timers)

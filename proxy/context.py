@@ -18,6 +18,7 @@ from proxy.clock import Clock
 from proxy.config import Config, RetryConfig, RouteConfig, TierConfig, TimeoutConfig
 from proxy.loader import LoadedConfig
 from proxy.metrics import Metrics
+from proxy.timers import Timers
 
 if TYPE_CHECKING:
     from proxy.state.backend import StateBackend
@@ -35,6 +36,8 @@ class Deps:
     log: Any  # a structlog bound logger
     state: StateBackend
     rand: random.Random = field(default_factory=random.Random)
+    #: the hot path's deadlines (one loop timer for all of them)
+    timers: Timers = field(default_factory=Timers)
 
 
 class Keeper:

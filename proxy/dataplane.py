@@ -166,6 +166,7 @@ class DataPlane:
                   for k, v in headers)
         completed = False
         idle_s = call.arm.timeout.idle
+        timers = self._deps.timers
         relay_started = self._clock.monotonic()
         try:
             for observe in stream.observers:
@@ -176,7 +177,7 @@ class DataPlane:
                 left = call.time_left()
                 timer, limit = ("idle", idle_s) if idle_s < left else ("total", max(left, 0.0))
                 try:
-                    async with asyncio.timeout(limit):
+                    with timers.after(limit):  # one process timer, not one per chunk
                         chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
