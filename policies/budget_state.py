@@ -112,12 +112,15 @@ class Budget:
         self._draining = False
         m = deps.metrics
         gauge_key = "global" if self._header is None else "per_key_max"
-        self._spend_gauge = m.budget_spend_usd.labels(name, gauge_key)
-        self._util_gauge = m.budget_utilization.labels(name, gauge_key)
+        self._spend_gauge = m.gauge(m.budget_spend_usd.labels(name, gauge_key))
+        self._util_gauge = m.gauge(m.budget_utilization.labels(name, gauge_key))
         self._shown: tuple[float, float] | None = None  # what the two gauges show
         self._crossings = m.budget_crossings
         if self._header is None:
             self._keys["global"] = self._tag + "global"
+        self._global = (self._tag + "global", "global")
+        #: the counter of the latest call (one key, one window: the same object each time)
+        self._last_ref = CounterRef("", "", 0.0)
 
     # ------------------------------------------------------------------ keys and windows
 
@@ -130,7 +133,7 @@ class Budget:
     def key_of(self, call: Call) -> tuple[str, str]:
         """(tag, display) of the call's counter."""
         if self._header is None:
-            return self._tag + "global", "global"
+            return self._global
         value = call.headers.get(self._header)
         if value is None:
             return self._tag + "none", "(none)"
@@ -141,7 +144,11 @@ class Budget:
         return self._tag + digest, display
 
     def _counter(self, tag: str, win: Window) -> CounterRef:
-        return CounterRef(tag, win.id, win.end + COUNTER_GRACE_S)
+        ref = self._last_ref
+        if ref.tag == tag and ref.window == win.id:  # the common case: one key, one window
+            return ref
+        ref = self._last_ref = CounterRef(tag, win.id, win.end + COUNTER_GRACE_S)
+        return ref
 
     # ------------------------------------------------------------------ admission
 

@@ -64,6 +64,25 @@ class FastCounter:
         return float(self.child._value.get()) + self.pending
 
 
+class FastGauge:
+    """A gauge child whose latest value is set on it at the next flush."""
+
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.pending: float | None = None
+
+    def set(self, value: float) -> None:
+        self.pending = value
+
+    def flush(self) -> None:
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self.child.set(pending)
+
+
 class FastHistogram:
     """A histogram child whose observations are counted per bucket until a flush."""
 
@@ -112,7 +131,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
-        self._fast: dict[int, FastCounter | FastHistogram] = {}
+        self._fast: dict[int, FastCounter | FastGauge | FastHistogram] = {}
         #: multiprocess mode (--workers): flushed every FLUSH_S too (another worker may
         #: answer the scrape)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -174,6 +193,14 @@ class Metrics:
         if fast is None:
             fast = self._fast[id(child)] = FastCounter(child)
         assert isinstance(fast, FastCounter)
+        return fast
+
+    def gauge(self, child: Any) -> FastGauge:
+        """The deferred form of a gauge child that is only ever ``set`` (one per child)."""
+        fast = self._fast.get(id(child))
+        if fast is None:
+            fast = self._fast[id(child)] = FastGauge(child)
+        assert isinstance(fast, FastGauge)
         return fast
 
     def histogram(self, child: Any) -> FastHistogram:
