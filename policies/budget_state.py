@@ -10,9 +10,8 @@ import hashlib
 import math
 import re
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from proxy.call import Call
@@ -71,15 +70,13 @@ def flag_of(t: Threshold) -> str:
     return f"{t.at:g}:{t.action}"
 
 
-@dataclass(frozen=True, slots=True)
-class Hold:
+class Hold(NamedTuple):
     budget: Budget
     reservation: Reservation
     display: str
 
 
-@dataclass(frozen=True, slots=True)
-class Refused:
+class Refused(NamedTuple):
     budget: Budget
     retry_after_s: float
 

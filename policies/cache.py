@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -63,8 +63,7 @@ class Signal(enum.Enum):
     DEFERRED = "deferred"  # (leader only) a stream will settle the flight when it ends
 
 
-@dataclass(frozen=True, slots=True)
-class Shared:
+class Shared(NamedTuple):
     """A leader's answer for its followers; ``cached``: served to them as a hit."""
 
     entry: Entry
@@ -208,16 +207,25 @@ class Cache:
         token = os.urandom(8).hex().encode()
         give_up_at = self._clock.monotonic() + call.time_left() / 2
         wait_s = _POLL_FIRST_S
+        waited = False
         while True:
             try:
                 if await self._kv.set_if_absent(key + ":lease", token, call.time_left()):
                     flight.lease = token
-                    return None
+                    if not waited:
+                        return None
+                    # another replica led: it may have stored its entry and let go of the
+                    # lease between our last lookup and this lease; look once more, or we
+                    # would call upstream for a reply already cached (on a first try the
+                    # window is one round trip, and the extra GET is not paid)
+                    entry, _ = await self._lookup(key)
+                    return entry
             except StateError:
                 return None
             if self._clock.monotonic() + wait_s > give_up_at:
                 return None
             await self._clock.sleep(wait_s)
+            waited = True
             wait_s = min(wait_s * 2, _POLL_MAX_S)
             entry, reachable = await self._lookup(key)
             if entry is not None or not reachable:

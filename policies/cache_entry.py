@@ -5,7 +5,7 @@ lengths so a hit replays it as the same stream) and when it was stored."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -17,8 +17,7 @@ _PER_REQUEST = frozenset({"x-request-id", "request-id", "date", "age", "set-cook
 _PER_REQUEST_PREFIXES = ("x-rp-", "x-ratelimit-")
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """A stored reply. Encoded as ``RPC1`` + 4-byte meta length + JSON meta + raw body."""
 
     status: int

@@ -39,7 +39,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
 from proxy.state import ledger_lua as lua
@@ -93,8 +93,7 @@ def calendar_window(kind: Literal["day", "month"], tz: ZoneInfo, now: float) -> 
 # --------------------------------------------------------------------------- values
 
 
-@dataclass(frozen=True, slots=True)
-class CounterRef:
+class CounterRef(NamedTuple):
     """Which counter: ``tag`` (budget and key, a Redis hash tag) and ``window`` id."""
 
     tag: str
@@ -118,8 +117,7 @@ class Limits:
     thresholds: tuple[tuple[str, int | None, int | None], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Totals:
+class Totals(NamedTuple):
     spend_nano: int = 0
     reserved_nano: int = 0
     requests: int = 0
@@ -127,15 +125,13 @@ class Totals:
     flags: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):
     counter: CounterRef
     member: str  # "<id>:<estimate_nano>"
     estimate_nano: int
 
 
-@dataclass(frozen=True, slots=True)
-class ReserveResult:
+class ReserveResult(NamedTuple):
     admitted: bool
     #: the counter was at or past a degrade point: the degraded estimate was used
     degraded: bool
@@ -145,8 +141,7 @@ class ReserveResult:
     new_flags: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class SettleResult:
+class SettleResult(NamedTuple):
     totals: Totals
     new_flags: tuple[str, ...] = ()
     #: False when the hold had been settled already (a retried settle): nothing changed
