@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: reply headers the proxy writes itself: framing (the server's), its banner, its own
-_OWN = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "server",
-                  "date"})
+#: (a provider's ``date`` is kept; the server adds one when there is none)
+_OWN = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "server"})
 #: a relayed HEAD answer keeps the provider's content-length (the length a GET would get)
 _OWN_HEAD = _OWN - {"content-length"}
 

@@ -33,7 +33,7 @@ the proxy needs, with the hardening an edge proxy needs:
 - **Responses**: one ``transport.write`` for a whole reply (head and body); streams are
   chunked (close-delimited for an HTTP/1.0 client) and wait for the socket to drain when
   the client reads slowly, so nothing is buffered without bound. Every answer carries
-  ``server: resilience-proxy`` and a ``date``.
+  ``server: resilience-proxy`` and one ``date`` (the provider's when it sent one).
 - **Drain** (Envoy's way for HTTP/1.1): the listener stops accepting; requests on open
   connections are still served, each answer saying ``connection: close``; idle connections
   are closed once nothing is in flight and :data:`IDLE_GRACE_S` has passed.
@@ -242,16 +242,19 @@ class Request:
         text = "".join([f"{k}: {v}\r\n" for k, v in headers])
         if text.count("\n") != len(headers) or text.count("\r") != len(headers):
             raise ValueError("a reply header holds CR or LF")  # never split a head
+        # the provider's Date is kept (RFC 9110 §6.6.1: an intermediary adds one only when
+        # the message has none); names here are lower-case
+        dated = text.startswith("date: ") or "\r\ndate: " in text
         return b"".join((
             _status_line(status), text.encode("utf-8", "surrogateescape"), _SERVER_LINE,
-            _DATE.get(), framing,
+            b"" if dated else _DATE.get(), framing,
             b"connection: close\r\n\r\n" if self.closing else
             (b"connection: keep-alive\r\n\r\n" if self.version == "1.0" else b"\r\n"),
         ))
 
     def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         """A whole answer, in one write. ``headers`` hold no framing fields (length, coding,
-        connection) and no ``server``/``date``: this writes those."""
+        connection) and no ``server``: this writes those, and a ``date`` when none is there."""
         transport = self._conn.transport
         if status in _NO_BODY or status < 200:
             head = self._head(status, headers, b"")

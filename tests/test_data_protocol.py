@@ -633,3 +633,26 @@ async def test_every_answer_has_one_server_and_one_date(proxy, mock_provider):
         "no_route": (404, ["resilience-proxy"], 1),
         "malformed": (400, ["resilience-proxy"], 1),
     }
+
+
+async def test_the_providers_date_is_kept(make_proxy):
+    """A provider's Date passes through (RFC 9110 §6.6.1: an intermediary adds one only when
+    there is none), still exactly one."""
+    from tests.test_cache import _raw_upstream
+
+    server, url, calls = await _raw_upstream(b"date: Mon, 01 Jan 2024 00:00:00 GMT")
+    try:
+        proxy = await make_proxy(f"""
+providers: {{p1: {{url: "{url}"}}}}
+routes: [{{name: plain, match: {{path_prefix: /v1/plain}}, provider: p1}}]
+""")
+        reader, writer = await connect(proxy)
+        try:
+            writer.write(post("/v1/plain"))
+            reply = await read_reply(reader)
+        finally:
+            writer.close()
+    finally:
+        server.close()
+    assert reply.status == 200 and calls[0] == 1
+    assert [v for k, v in reply.headers if k == "date"] == ["Mon, 01 Jan 2024 00:00:00 GMT"]
