@@ -28,7 +28,9 @@ the proxy needs, with the hardening an edge proxy needs:
   body that did not come with its head (``408``). ``Expect: 100-continue`` is answered when
   the handler starts reading.
 - **One request at a time per connection**, pipelined requests queued in order (reading
-  pauses past :data:`PIPELINE_MAX`). A client that goes away (or half-closes, as nginx
+  pauses past :data:`PIPELINE_MAX`). A client that leaves with a head half-sent, or with
+  requests still queued, gets one access-log line for each (``499``, route ``_none``).
+  A client that goes away (or half-closes, as nginx
   takes it) cancels its handler, which logs it as ``499`` and closes the upstream call.
 - **Responses**: one ``transport.write`` for a whole reply (head and body); streams are
   chunked (close-delimited for an HTTP/1.0 client) and wait for the socket to drain when
@@ -405,6 +407,15 @@ class HttpConnection(asyncio.Protocol):
         self._idle(self._loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._fail is None:  # what the client left behind is logged once each
+            who = "the drain cut the connection" if self.server.draining else "the client left"
+            for _ in self._queue:  # complete requests that never reached the data plane
+                self.server.rejected(499, "client_disconnected",
+                                     f"{who} before its request was handled", self.remote)
+            if self._head_started or (self._in_head and self._head_bytes):
+                self.server.rejected(499, "client_disconnected",
+                                     f"{who} in the middle of a request head", self.remote)
+        self._queue.clear()
         self.transport = None
         self.server.connections.discard(self)
         self.server.busy.discard(self)

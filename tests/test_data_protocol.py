@@ -656,3 +656,29 @@ routes: [{{name: plain, match: {{path_prefix: /v1/plain}}, provider: p1}}]
         server.close()
     assert reply.status == 200 and calls[0] == 1
     assert [v for k, v in reply.headers if k == "date"] == ["Mon, 01 Jan 2024 00:00:00 GMT"]
+
+
+async def test_a_client_leaving_mid_head_or_mid_pipeline_is_logged(proxy, mock_provider, logs):
+    """Every request ends with one log line, also one the data plane never saw: a head left
+    half-sent, and a pipelined request still queued behind one in flight (499, _none)."""
+    reader, writer = await connect(proxy)
+    writer.write(b"POST /v1/plain HTTP/1.1\r\nHost: x\r\nX-Half: ")
+    await asyncio.sleep(0.05)
+    writer.close()
+    await wait_for(lambda: len(access_lines(logs)) == 1, 3)
+    line = access_lines(logs)[0]
+    assert (line["route"], line["status"], line["outcome"]) == ("_none", 499, "client_disconnected")
+    reader, writer = await connect(proxy)
+    writer.write(post("/v1/plain/slow", extra="x-mock-delay: 2s\r\n") + post("/v1/plain/next"))
+    await wait_for(lambda: mock_provider.mock.calls == 1, 3)
+    writer.close()
+    await wait_for(lambda: len(access_lines(logs)) == 3, 3)
+    got = sorted((x["route"], x["status"], x["outcome"]) for x in access_lines(logs)[1:])
+    assert got == [("_none", 499, "client_disconnected"), ("plain", 499, "client_disconnected")]
+    assert mock_provider.mock.calls == 1  # the queued one never went upstream
+    reader, writer = await connect(proxy)  # and the proxy keeps serving
+    try:
+        writer.write(post("/v1/plain"))
+        assert (await read_reply(reader)).status == 200
+    finally:
+        writer.close()
