@@ -309,7 +309,12 @@ async def test_example_config_end_to_end(mock_provider, mock_provider2, redis_se
     window = canary.auto_rollback.window
     mock_provider2.mock.fail_percent = 100  # the candidate is down: retries cannot hide it
     clock = FakeClock()
-    proxy = await make_proxy(EXAMPLE.read_text(), env=env, clock=clock)
+    # the example's Redis timeout is 100 ms; on a busy machine a timed-out canary call keeps
+    # the last weight or drops an observation (by design), which this count cannot allow
+    text = EXAMPLE.read_text()
+    assert "timeout: 100ms" in text
+    proxy = await make_proxy(text.replace("timeout: 100ms", "timeout: 2s", 1), env=env,
+                             clock=clock)
     ctrl = proxy.runtime.registry["canary"]["chat"]
     users = [f"u{i}" for i in range(3000)]
     variant_users = [u for u in users if in_variant("chat-rollout", u, 5)]
