@@ -42,7 +42,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.errors import ProxyError
-from proxy.protocol import SERVER_NAME
+from proxy.request import SERVER_NAME
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer

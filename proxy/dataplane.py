@@ -20,7 +20,7 @@ from proxy.accesslog import AccessLog
 from proxy.call import Call, Reply
 from proxy.errors import BadRequest, BodyTooLarge, NoRoute, ProxyError, Timeout, UpstreamError
 from proxy.metrics import status_class
-from proxy.protocol import Request
+from proxy.request import Request
 
 if TYPE_CHECKING:
     from proxy.runtime import CompiledRoute, Runtime
