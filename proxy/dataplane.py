@@ -27,9 +27,14 @@ if TYPE_CHECKING:
     from proxy.server import ProxyServer
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-#: reply headers the proxy writes itself: framing (the server's), its banner, its own
-#: (a provider's ``date`` is kept; the server adds one when there is none)
-_OWN = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "server"})
+#: reply headers the proxy writes itself, never relayed from a provider: framing (the
+#: server's), its banner, and the ones :func:`_annotations` sets (DESIGN §4; the ``x-rp-``
+#: names are the proxy's). A provider's ``date`` is kept (the server adds one when absent).
+_OWN = frozenset({
+    "content-length", "transfer-encoding", "connection", "keep-alive", "server",
+    "x-request-id", "x-rp-route", "x-rp-provider", "x-rp-model", "x-rp-tier", "x-rp-attempts",
+    "x-rp-cache", "x-rp-canary", "x-rp-fallback", "x-rp-cost-usd",
+})
 #: a relayed HEAD answer keeps the provider's content-length (the length a GET would get)
 _OWN_HEAD = _OWN - {"content-length"}
 
@@ -144,8 +149,7 @@ class DataPlane:
 
     async def _respond(self, request: Request, call: Call, reply: Reply, done: _Done) -> None:
         added = _annotations(call, reply)
-        names = (_OWN if request.method != "HEAD" else _OWN_HEAD).union(
-            [name for name, _ in added])
+        names = _OWN if request.method != "HEAD" else _OWN_HEAD
         # the reply's headers minus those the proxy sets, then the proxy's: one list
         headers = [(k, v) for k, v in reply.headers if k.lower() not in names]
         headers += added

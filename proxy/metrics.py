@@ -16,8 +16,7 @@ that are added to the real children when anything reads the registry (a collecto
 registered first flushes them: ``/metrics``, ``get_sample_value``, ``render``). With
 ``--workers`` (multiprocess mode) any worker may answer a scrape for all of them, so each
 worker also flushes every :data:`FLUSH_S` (and when it stops): a scrape sees another
-worker's last quarter-second late at most. (Without deferring, a multiprocess ``inc`` is a
-locked write into a memory-mapped file: ~17% more CPU per request with two workers.)
+worker's last quarter-second late at most.
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ class BadHead(Exception):
         super().__init__(reason)
         self.reason = reason
 
+
 Handler = Callable[[Request], Awaitable[None]]
 
 
@@ -214,8 +215,7 @@ class HttpConnection(asyncio.Protocol):
             if self._head_deadline is None and self._current is None and not self._queue:
                 self._idle_deadline = None
                 self._head_deadline = deadline = self._loop.time() + self.server.head_timeout_s
-                if deadline < self._timer_at:
-                    self._arm(deadline)
+                self._arm(deadline)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -386,8 +386,7 @@ class HttpConnection(asyncio.Protocol):
         elif self._head_started:  # the next head came in part, behind this request
             now = self._loop.time()
             self._head_deadline = deadline = now + self.server.head_timeout_s
-            if deadline < self._timer_at:
-                self._arm(deadline)
+            self._arm(deadline)
         else:
             self._idle(self._loop.time())
 
@@ -398,10 +397,13 @@ class HttpConnection(asyncio.Protocol):
         if keepalive <= 0:  # no keep-alive: a new connection's first head is bounded below
             keepalive = self.server.first_head_s
         deadline = self._idle_deadline = now + keepalive
-        if deadline < self._timer_at:
-            self._arm(deadline)
+        self._arm(deadline)
 
     def _arm(self, when: float) -> None:
+        """Have the connection's one timer fire no later than ``when`` (a later timer is
+        moved; an earlier one fires first and re-arms for what is left)."""
+        if when >= self._timer_at:
+            return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when

@@ -635,12 +635,14 @@ async def test_every_answer_has_one_server_and_one_date(proxy, mock_provider):
     }
 
 
-async def test_the_providers_date_is_kept(make_proxy):
+async def test_the_providers_date_is_kept_and_its_x_rp_headers_are_not(make_proxy):
     """A provider's Date passes through (RFC 9110 §6.6.1: an intermediary adds one only when
-    there is none), still exactly one."""
+    there is none), still exactly one; ``x-rp-*`` names are the proxy's, so a provider's
+    (here one the proxy does not set for this request) is not relayed."""
     from tests.test_cache import _raw_upstream
 
-    server, url, calls = await _raw_upstream(b"date: Mon, 01 Jan 2024 00:00:00 GMT")
+    server, url, calls = await _raw_upstream(
+        b"date: Mon, 01 Jan 2024 00:00:00 GMT\r\nx-rp-canary: forged\r\nx-rp-route: forged")
     try:
         proxy = await make_proxy(f"""
 providers: {{p1: {{url: "{url}"}}}}
@@ -656,6 +658,8 @@ routes: [{{name: plain, match: {{path_prefix: /v1/plain}}, provider: p1}}]
         server.close()
     assert reply.status == 200 and calls[0] == 1
     assert [v for k, v in reply.headers if k == "date"] == ["Mon, 01 Jan 2024 00:00:00 GMT"]
+    assert not [k for k, _ in reply.headers if k == "x-rp-canary"]
+    assert [v for k, v in reply.headers if k == "x-rp-route"] == ["plain"]
 
 
 async def test_a_client_leaving_mid_head_or_mid_pipeline_is_logged(proxy, mock_provider, logs):
