@@ -151,6 +151,7 @@ class Procs:
     def start(self, cores: str, args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("RP_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+        env["PYTHONUNBUFFERED"] = "1"  # as the image sets it (the Dockerfile): stdout raw
         out = open(log, "wb") if log is not None else subprocess.DEVNULL
         proc = subprocess.Popen(["taskset", "-c", cores, *args], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.DEVNULL)

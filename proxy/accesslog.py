@@ -7,8 +7,11 @@ client-controlled value (a path, a request id) cannot forge a line.
 The access-log line (one per request, the hot path) skips structlog's processor chain:
 :class:`AccessLog` renders the same line (the fields, then ``event``, ``level``,
 ``timestamp``) with one orjson call into stdout's buffer, flushed within
-``FLUSH_INTERVAL_S`` (or when the 8 KiB buffer fills, or with any other log line) rather
-than once per line: like nginx's ``access_log ... buffer= flush=``, a write per batch. It
+``FLUSH_INTERVAL_S`` (or when the 64 KiB buffer fills, or with any other log line) rather
+than once per line: like nginx's ``access_log ... buffer= flush=``, a write per batch. That
+holds under ``PYTHONUNBUFFERED=1`` / ``python -u`` too (set in the image, as in most Python
+images), where ``sys.stdout.buffer`` is the raw file: the log lines then go through a
+buffered writer of their own on a duplicate of the descriptor, not one write per line. It
 goes through structlog whenever the chain is not the one :func:`configure` installed
 (``structlog.testing.capture_logs`` in tests) or context variables are bound, so what tests
 capture and what production writes agree.
@@ -17,10 +20,13 @@ capture and what production writes agree.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import datetime
+import io
 import logging
+import os
 import sys
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import orjson
 import structlog
@@ -28,6 +34,8 @@ import structlog
 _UTC = datetime.UTC
 #: the longest an access-log line waits in stdout's buffer
 FLUSH_INTERVAL_S = 0.05
+#: the log lines' own buffer when stdout is unbuffered (a write per this many bytes at most)
+BUFFER_BYTES = 64 * 1024
 
 
 class _Sink:
@@ -43,6 +51,32 @@ class _Sink:
 
 
 _sink: _Sink | None = None
+#: stdout's raw file -> the buffered writer the log lines use instead (made once, kept)
+_buffered: dict[int, BinaryIO] = {}
+
+
+def _log_out() -> BinaryIO:
+    """Where log lines go: ``sys.stdout.buffer``, unless that is the raw, unbuffered file
+    (``PYTHONUNBUFFERED=1``): then a buffered writer on a duplicate of its descriptor (closing
+    it closes only the duplicate; lines reach the same file, in order, at each flush)."""
+    out = sys.stdout.buffer
+    if not isinstance(out, io.RawIOBase):
+        return out
+    fd = out.fileno()
+    found = _buffered.get(fd)
+    if found is None:
+        found = _buffered[fd] = open(os.dup(fd), "wb", buffering=BUFFER_BYTES)
+        atexit.register(found.flush)
+    return found
+
+
+def flush() -> None:
+    """Write out the buffered log lines (before the process ends)."""
+    for out in (*_buffered.values(), sys.stdout):
+        try:
+            out.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def configure(level: str = "info", *, cache: bool = True) -> None:
@@ -58,13 +92,14 @@ def configure(level: str = "info", *, cache: bool = True) -> None:
         structlog.processors.format_exc_info,
         renderer,
     ]
+    out = _log_out()
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory(out),  # an event line flushes: in order
         cache_logger_on_first_use=cache,
     )
-    _sink = _Sink(level_no, sys.stdout.buffer, processors, renderer)
+    _sink = _Sink(level_no, out, processors, renderer)
 
 
 class AccessLog:

@@ -19,7 +19,6 @@ import asyncio
 import os
 import random
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -213,7 +212,7 @@ class ProxyServer:
 
         def terminate(signum: int, frame: Any) -> None:
             if armed and signum == signal.SIGINT:  # a second Ctrl-C: leave now
-                sys.stdout.flush()
+                accesslog.flush()
                 os._exit(130)
             if not armed:
                 armed.append(True)
@@ -233,7 +232,7 @@ class ProxyServer:
         def fire() -> None:
             try:
                 log.error("shutdown_forced", after_s=limit_s)
-                sys.stdout.flush()  # the buffered access-log lines
+                accesslog.flush()  # the buffered access-log lines
             finally:
                 os._exit(1)
 

@@ -13,6 +13,7 @@ import asyncio
 import gzip
 import io
 import logging
+import sys
 from typing import Any
 
 import orjson
@@ -302,6 +303,33 @@ def test_access_line_respects_the_level_and_capture_logs():
         accesslog.AccessLog(structlog.get_logger(), sink).write({"request_id": "r3"})
     assert out.getvalue() == b""
     assert captured == [{"request_id": "r3", "event": "request", "log_level": "info"}]
+
+
+async def test_log_lines_are_buffered_when_stdout_is_unbuffered(tmp_path, monkeypatch):
+    """Under PYTHONUNBUFFERED=1 (set in the image) ``sys.stdout.buffer`` is the raw file:
+    access lines still wait in a buffer of their own (no write per line), an event line
+    writes them out before itself (order kept), and :func:`accesslog.flush` empties it."""
+    path = tmp_path / "stdout"
+    raw = open(path, "wb", buffering=0)  # noqa: ASYNC230  (what python -u gives sys.stdout)
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))
+    try:
+        accesslog.configure("info")
+        assert accesslog._sink is not None and accesslog._sink.out is not raw
+        access = accesslog.AccessLog(structlog.get_logger(), accesslog._sink)
+        for i in range(50):
+            access.write({"request_id": f"r{i}", "status": 200})
+        assert path.read_bytes() == b""  # fifty lines, no write yet
+        structlog.get_logger().warning("something_happened")
+        events = [orjson.loads(x)["event"] for x in path.read_bytes().splitlines()]
+        assert events == ["request"] * 50 + ["something_happened"]
+        access.write({"request_id": "last", "status": 200})
+        accesslog.flush()
+        assert orjson.loads(path.read_bytes().splitlines()[-1])["request_id"] == "last"
+    finally:
+        accesslog._buffered.pop(raw.fileno(), None)
+        monkeypatch.undo()
+        raw.close()
+        accesslog.configure("debug", cache=False)
 
 
 def test_cache_key_is_unchanged_by_the_one_call_hash():
