@@ -43,24 +43,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from policies.budget_state import Budget, Hold, Refused
 from proxy.call import Call, Handler, Reply
-from proxy.config import BudgetConfig, FallbackResponse
+from proxy.config import BudgetConfig, FallbackResponse, Price
 from proxy.context import RouteContext
 from proxy.errors import BudgetExceeded
 from proxy.headers import CREDENTIALS
-from proxy.metering import Pricing, output_cap, pricing_for, requested_model, tokens_of
-from proxy.state.ledger import make_ledger, usd_to_nano
+from proxy.metering import Pricing, output_cap, pricing_for, requested_model
+from proxy.state.ledger import NANO_PER_USD, make_ledger
+
+if TYPE_CHECKING:
+    from proxy.runtime import Arm, CompiledTier
+
+
+class _TierPrice(NamedTuple):
+    """What a budget estimate needs of one tier, looked up once per arm."""
+
+    pricing: Pricing
+    fmt: str
+    model: str | None  # the tier's own model (None: the request's)
+    fixed: Price | None  # the tier model's price (when it has one)
 
 
 class BudgetStage:
     """The route stage: reserve in every listed budget, call on, settle."""
 
-    __slots__ = ("_budgets", "_fallback", "_fallbacks", "_pricings", "_route")
+    __slots__ = ("_budgets", "_fallback", "_fallbacks", "_plans", "_pricings", "_route")
 
     def __init__(self, ctx: RouteContext, budgets: list[Budget]) -> None:
         self._budgets = budgets
@@ -72,12 +84,16 @@ class BudgetStage:
         }
         fb = ctx.route.fallback_response
         self._fallback = None if fb is None else _fallback_reply(fb)
+        #: id(arm) -> (arm, its estimate plan): the arm kept so that a reused id cannot match
+        self._plans: dict[int, tuple[Arm, tuple[_TierPrice, _TierPrice | None]]] = {}
 
     async def __call__(self, call: Call, next_: Handler) -> Reply:
         holds: list[Hold] = []
         try:
             for budget in self._budgets:
-                outcome = await budget.reserve(call, *self._estimates(call, budget))
+                estimates = self._estimates(call, budget)
+                outcome = budget.reserve_now(call, *estimates) if budget.inplace \
+                    else await budget.reserve(call, *estimates)
                 if isinstance(outcome, Refused):
                     self._release(holds, call)
                     return self._refuse(call, outcome)
@@ -102,22 +118,36 @@ class BudgetStage:
         """Nano-USD estimates at the arm's first tier, and at its first non-expensive tier."""
         if not budget.priced:
             return 0, 0
-        tiers = call.arm.tiers
-        tin = tokens_of(len(call.body))
+        arm = call.arm
+        found = self._plans.get(id(arm))
+        if found is None or found[0] is not arm:
+            found = self._plans[id(arm)] = (arm, self._plan(arm.tiers))
+        first, cheap = found[1]
+        tin = (len(call.body) + 3) // 4  # tokens_of: ≈4 bytes a token
         tout = output_cap(call)
         tout = budget.cfg.default_output_tokens if tout is None else tout
-        first = self._tier_cost(call, tiers[0].provider, tiers[0].cfg.model, tin, tout)
-        cheap = next((t for t in tiers if not t.expensive), tiers[0])
-        degraded = first if cheap is tiers[0] else self._tier_cost(
-            call, cheap.provider, cheap.cfg.model, tin, tout)
-        return usd_to_nano(first), usd_to_nano(degraded)
+        est = self._tier_cost(call, first, tin, tout)
+        degraded = est if cheap is None else self._tier_cost(call, cheap, tin, tout)
+        return round(est * NANO_PER_USD), round(degraded * NANO_PER_USD)
 
-    def _tier_cost(self, call: Call, provider: str, model: str | None, tin: int,
-                   tout: int) -> float:
-        pricing, fmt = self._pricings[provider]
+    def _plan(self, tiers: list[CompiledTier]) -> tuple[_TierPrice, _TierPrice | None]:
+        """An arm's first tier and, when that one is ``expensive``, its first cheap tier."""
+        cheap = next((t for t in tiers if not t.expensive), tiers[0])
+        return self._tier_price(tiers[0]), None if cheap is tiers[0] else self._tier_price(cheap)
+
+    def _tier_price(self, tier: CompiledTier) -> _TierPrice:
+        pricing, fmt = self._pricings[tier.provider]
+        model = tier.cfg.model
+        # a tier with its own model has one price, looked up here; else the request's model's
+        fixed = pricing.price(model) if model is not None else None
+        return _TierPrice(pricing, fmt, model, fixed)
+
+    @staticmethod
+    def _tier_cost(call: Call, tp: _TierPrice, tin: int, tout: int) -> float:
+        pricing = tp.pricing
         if pricing.cost_per_request is not None:
             return pricing.cost_per_request
-        price = pricing.price(model or requested_model(call, fmt))
+        price = tp.fixed if tp.model is not None else pricing.price(requested_model(call, tp.fmt))
         return 0.0 if price is None else (tin * price.input + tout * price.output) / 1e6
 
     def _refuse(self, call: Call, refused: Refused) -> Reply:

@@ -27,6 +27,7 @@ from proxy.state.ledger import (
     Limits,
     MemoryLedger,
     Reservation,
+    ReserveResult,
     Totals,
     Window,
     calendar_window,
@@ -94,6 +95,8 @@ class Budget:
         self._ledger = ledger
         # the memory ledger is atomic and never waits: settled in place, without a task
         self._inplace = ledger if isinstance(ledger, MemoryLedger) else None
+        #: reserved with :meth:`reserve_now` and settled in place (the memory ledger)
+        self.inplace = self._inplace is not None
         self._deps = deps
         self._tz = ZoneInfo(cfg.timezone)
         self._header = None if cfg.per == "global" else cfg.per.removeprefix("header:")
@@ -112,6 +115,7 @@ class Budget:
         self._spend_gauge = m.gauge(m.budget_spend_usd.labels(name, gauge_key))
         self._util_gauge = m.gauge(m.budget_utilization.labels(name, gauge_key))
         self._shown: tuple[float, float] | None = None  # what the two gauges show
+        self._counted: tuple[str, int, int] | None = None  # (window, spend, requests) shown
         self._crossings = m.budget_crossings
         if self._header is None:
             self._keys["global"] = self._tag + "global"
@@ -166,8 +170,25 @@ class Budget:
             raise StateUnavailable(f"budget '{self.name}' cannot reach its shared state") \
                 from None
         self._ok()
+        return self._admitted(call, res, tag, display, win, now)
+
+    def reserve_now(self, call: Call, estimate_nano: int, degraded_nano: int) -> Hold | Refused:
+        """:meth:`reserve` with the memory ledger (:attr:`inplace`): no coroutine, no I/O,
+        nothing that can fail for want of a shared state."""
+        assert self._inplace is not None
+        now = self._deps.clock.time()
+        win = self.window(now)
+        tag, display = self.key_of(call)
+        res = self._inplace.reserve_now(
+            self._counter(tag, win), self.limits, estimate_nano, degraded_nano, now,
+            now + max(call.time_left(), 0.0) + HOLD_MARGIN_S)
+        return self._admitted(call, res, tag, display, win, now)
+
+    def _admitted(self, call: Call, res: ReserveResult, tag: str, display: str, win: Window,
+                  now: float) -> Hold | Refused:
         self._seen(display, tag, win, res.totals)
-        self._announce(res.new_flags, display, res.totals, call.request_id, "refusal")
+        if res.new_flags:
+            self._announce(res.new_flags, display, res.totals, call.request_id, "refusal")
         if res.degraded:
             call.downgrade = True
         if res.reservation is None:
@@ -217,11 +238,13 @@ class Budget:
 
     def _settled(self, reservation: Reservation, display: str, totals: Totals,
                  new: tuple[str, ...], request_id: str | None, now: float) -> None:
-        self._ok()
+        if self._inplace is None:
+            self._ok()
         win = self.window(now)
         if reservation.counter.window == win.id:
             self._seen(display, reservation.counter.tag, win, totals)
-        self._announce(new, display, totals, request_id, "spend")
+        if new:
+            self._announce(new, display, totals, request_id, "spend")
 
     def _ok(self) -> None:
         """A ledger call worked: the state is visible again; retry what was left pending."""
@@ -254,28 +277,34 @@ class Budget:
     # ------------------------------------------------------------------ visibility
 
     def utilization(self, totals: Totals) -> float:
-        ratios = [0.0]
-        if self.cfg.limit_usd is not None:
-            ratios.append(totals.spend_nano / NANO_PER_USD / self.cfg.limit_usd)
-        if self.cfg.limit_requests is not None:
-            ratios.append(totals.requests / self.cfg.limit_requests)
-        return max(ratios)
+        util = 0.0
+        cfg = self.cfg
+        if cfg.limit_usd is not None:
+            util = max(util, totals.spend_nano / NANO_PER_USD / cfg.limit_usd)
+        if cfg.limit_requests is not None:
+            util = max(util, totals.requests / cfg.limit_requests)
+        return util
 
     def _seen(self, display: str, tag: str, win: Window, totals: Totals) -> None:
-        self._keys[display] = tag
-        self._keys.move_to_end(display)
-        if len(self._keys) > MAX_STATUS_KEYS:
-            old, _ = self._keys.popitem(last=False)
-            self._last.pop(old, None)
+        if self._header is not None:  # per-key: the recent keys, for /admin/status
+            self._keys[display] = tag
+            self._keys.move_to_end(display)
+            if len(self._keys) > MAX_STATUS_KEYS:
+                old, _ = self._keys.popitem(last=False)
+                self._last.pop(old, None)
         self._last[display] = (win.id, totals)
+        spend_nano, requests = totals.spend_nano, totals.requests
+        if self._header is None and (win.id, spend_nano, requests) == self._counted:
+            return  # a reservation changes neither the spend nor the requests: nothing to show
+        self._counted = (win.id, spend_nano, requests)
         util = self.utilization(totals)
         if self._header is not None:
             peak_win, peak = self._peak
             if peak_win == win.id and util < peak:
                 return
             self._peak = (win.id, util)
-        spend = totals.spend_nano / NANO_PER_USD
-        if (spend, util) != self._shown:  # a reservation changes neither: no lock, no set
+        spend = spend_nano / NANO_PER_USD
+        if (spend, util) != self._shown:  # no lock, no set when unchanged
             self._shown = (spend, util)
             self._spend_gauge.set(spend)
             self._util_gauge.set(util)

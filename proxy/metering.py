@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 _SEPARATORS = frozenset("-.:@/_")
 _MAX_LABELS = 32  # distinct model label values per provider; the rest are "other"
+_OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 # --------------------------------------------------------------------------- prices
@@ -147,8 +148,9 @@ def output_cap(call: Call) -> int | None:
     body = call.json()
     if not isinstance(body, dict):
         return None
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        if (n := as_count(body.get(name))) is not None:
+    for name in _OUTPUT_CAPS:
+        value = body.get(name)
+        if value is not None and (n := as_count(value)) is not None:
             return n
     gen = body.get("generationConfig")
     return as_count(gen.get("maxOutputTokens")) if isinstance(gen, dict) else None

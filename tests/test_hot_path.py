@@ -360,8 +360,9 @@ def test_cache_key_is_unchanged_by_the_one_call_hash():
 
 async def test_memory_ledger_does_not_grow_per_request():
     """Settled holds leave no per-request residue beyond the bounded dedupe: after many
-    reserve/settle pairs the counter keeps at most MEMORY_SETTLED_MAX settled ids and a
-    hold heap the size of the holds in flight (it grew by ~200 bytes a request for an hour)."""
+    reserve/settle pairs the counter keeps at most MEMORY_SETTLED_MAX settled ids (the most
+    recent: the last one still deduplicates) and no holds (it grew by ~200 bytes a request
+    for an hour)."""
     from proxy.state.ledger import (
         MEMORY_SETTLED_MAX,
         CounterRef,
@@ -377,9 +378,10 @@ async def test_memory_ledger_does_not_grow_per_request():
         assert res.reservation is not None
         await ledger.settle(res.reservation, 5, True, limits, 1000.0 + i * 1e-3)
     c = ledger._counters[(counter.tag, counter.window)]
-    assert len(c.settled) <= MEMORY_SETTLED_MAX and len(c.settled_order) <= MEMORY_SETTLED_MAX
-    assert len(c.holds) == 0 and len(c.expiry) <= 2 * len(c.holds) + 257
+    assert len(c.settled) == MEMORY_SETTLED_MAX and len(c.holds) == 0
     assert c.requests == MEMORY_SETTLED_MAX + 5000
+    again = await ledger.settle(res.reservation, 5, True, limits, 2000.0)
+    assert not again.applied and c.requests == MEMORY_SETTLED_MAX + 5000
 
 
 async def test_streamed_replies_leave_no_garbage_cycles(make_proxy, http, mock_provider):

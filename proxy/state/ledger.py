@@ -33,10 +33,8 @@ forgotten them too: the retry then records the call, which is what is wanted.)
 
 from __future__ import annotations
 
-import heapq
 import math
 import os
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
@@ -48,11 +46,12 @@ if TYPE_CHECKING:
     from proxy.state.backend import StateBackend
 
 NANO_PER_USD = 1_000_000_000
-#: how long a counter remembers a settled hold (retried settlements are deduplicated)
+#: how long a counter in Redis remembers a settled hold (retried settlements are deduplicated)
 SETTLE_DEDUPE_S = 3600.0
-#: the memory ledger remembers at most this many settled holds per counter: in one process a
-#: settlement is never retried (no network to time out), so the dedupe only guards against a
-#: double call, and an hour of settlements would grow by ~200 bytes per request
+#: the memory ledger remembers the last this many settled holds per counter (the most recent
+#: ones, whatever their age): in one process a settlement is never retried (no network to
+#: time out), so the dedupe only guards against a double call, and an hour of settlements
+#: would grow by ~200 bytes per request
 MEMORY_SETTLED_MAX = 10_000
 #: counters outlive their window by this much (late settlements, the status of yesterday)
 COUNTER_GRACE_S = 2 * 86400.0
@@ -187,7 +186,7 @@ def _degraded(limits: Limits, spend: int, requests: int) -> bool:
 # --------------------------------------------------------------------------- memory
 
 
-@dataclass
+@dataclass(slots=True)
 class _Counter:
     expires_at: float
     spend: int = 0
@@ -195,37 +194,53 @@ class _Counter:
     requests: int = 0
     reserved_requests: int = 0
     flags: set[str] = field(default_factory=set)
-    holds: dict[str, int] = field(default_factory=dict)  # member -> estimate
-    expiry: list[tuple[float, str]] = field(default_factory=list)  # heap (hold_until, member)
-    settled: set[str] = field(default_factory=set)
-    settled_order: deque[tuple[float, str]] = field(default_factory=deque)
+    #: member -> (estimate, hold_until)
+    holds: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: no hold expires before this (the earliest ``hold_until`` when last looked at)
+    next_expiry: float = math.inf
+    #: recently settled members, oldest first (a dict: ordered, O(1) membership)
+    settled: dict[str, None] = field(default_factory=dict)
 
     def totals(self, flags: bool = False) -> Totals:
         return Totals(self.spend, self.reserved, self.requests, self.reserved_requests,
                       frozenset(self.flags) if flags else frozenset())
 
+    def hold(self, member: str, estimate: int, until: float) -> None:
+        self.holds[member] = (estimate, until)
+        self.reserved += estimate
+        self.reserved_requests += 1
+        if until < self.next_expiry:
+            self.next_expiry = until
+
     def release(self, member: str) -> bool:
-        estimate = self.holds.pop(member, None)
-        if estimate is None:
+        found = self.holds.pop(member, None)
+        if found is None:
             return False
-        self.reserved -= estimate
+        self.reserved -= found[0]
         self.reserved_requests -= 1
         return True
 
     def purge(self, now: float) -> None:
-        while self.expiry and self.expiry[0][0] <= now:
-            self.release(heapq.heappop(self.expiry)[1])
+        """Release the holds past their ``hold_until``: a scan of the holds (the calls in
+        flight) only when the earliest one is due, not a heap operation per call."""
+        if now < self.next_expiry:
+            return
+        nxt = math.inf
+        for member, (_, until) in list(self.holds.items()):
+            if until <= now:
+                self.release(member)
+            elif until < nxt:
+                nxt = until
+        self.next_expiry = nxt
 
-    def first_settle(self, member: str, now: float) -> bool:
-        """Remember ``member`` as settled; False when it already was (within the window)."""
-        order = self.settled_order
-        while order and (order[0][0] <= now - SETTLE_DEDUPE_S
-                         or len(order) >= MEMORY_SETTLED_MAX):
-            self.settled.discard(order.popleft()[1])
-        if member in self.settled:
+    def first_settle(self, member: str) -> bool:
+        """Remember ``member`` as settled; False when it already was."""
+        settled = self.settled
+        if member in settled:
             return False
-        self.settled.add(member)
-        order.append((now, member))
+        settled[member] = None
+        if len(settled) > MEMORY_SETTLED_MAX:
+            del settled[next(iter(settled))]
         return True
 
 
@@ -253,6 +268,13 @@ class MemoryLedger:
     async def reserve(self, counter: CounterRef, limits: Limits, estimate_nano: int,
                       degraded_estimate_nano: int, now: float,
                       hold_until: float) -> ReserveResult:
+        return self.reserve_now(counter, limits, estimate_nano, degraded_estimate_nano, now,
+                                hold_until)
+
+    def reserve_now(self, counter: CounterRef, limits: Limits, estimate_nano: int,
+                    degraded_estimate_nano: int, now: float,
+                    hold_until: float) -> ReserveResult:
+        """:meth:`reserve` without the coroutine (see :meth:`settle_now`)."""
         c = self._counter(counter, now)
         c.purge(now)
         degraded = _degraded(limits, c.spend, c.requests)
@@ -266,13 +288,7 @@ class MemoryLedger:
         # unique within this process is enough here (no syscall per request, as urandom is)
         self._seq += 1
         member = f"m{self._seq:x}:{estimate}"
-        c.holds[member] = estimate
-        heapq.heappush(c.expiry, (hold_until, member))
-        if len(c.expiry) > 2 * len(c.holds) + 256:  # settled holds left in the heap: compact
-            c.expiry = [entry for entry in c.expiry if entry[1] in c.holds]
-            heapq.heapify(c.expiry)
-        c.reserved += estimate
-        c.reserved_requests += 1
+        c.hold(member, estimate, hold_until)
         return ReserveResult(True, degraded, Reservation(counter, member, estimate), c.totals())
 
     async def settle(self, reservation: Reservation, cost_nano: int, counted: bool,
@@ -284,7 +300,7 @@ class MemoryLedger:
         """:meth:`settle` without the coroutine: a caller that knows it holds a memory
         ledger settles in place, with no task or future per request."""
         c = self._counter(reservation.counter, now)
-        if not c.first_settle(reservation.member, now):
+        if not c.first_settle(reservation.member):
             return SettleResult(c.totals(), (), applied=False)
         c.release(reservation.member)
         c.spend += cost_nano
