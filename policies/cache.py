@@ -122,6 +122,8 @@ class Cache:
         self._key = key
         self._store = store
         self._kv = store.kv
+        #: the memory KV, used without coroutines (None with Redis)
+        self._memory = store.kv if isinstance(store.kv, MemoryKV) else None
         self._flights = store.flights
         self._clock = ctx.deps.clock
         self._log = ctx.deps.log
@@ -147,7 +149,8 @@ class Cache:
         while True:
             flight = self._flights.get(key) if self._coalesce else None
             if flight is None:
-                entry, reachable = await self._lookup(key)
+                entry, reachable = self._lookup_now(key) if self._memory is not None \
+                    else await self._lookup(key)
                 if entry is not None:
                     self._decided(call, "hit", "hit", started)
                     return entry.reply(self._clock.time())
@@ -166,6 +169,12 @@ class Cache:
         call.cache_status = status
         call.timings["t_cache"] = (self._clock.monotonic() - started) * 1000
         self._results[result].inc()
+
+    def _lookup_now(self, key: str) -> tuple[Entry | None, bool]:
+        """:meth:`_lookup` in the memory KV (it always answers)."""
+        assert self._memory is not None
+        data = self._memory.get_now(key)
+        return (None if data is None else Entry.decode(data)), True
 
     async def _lookup(self, key: str) -> tuple[Entry | None, bool]:
         """(the entry or None, whether the store answered)."""
@@ -265,7 +274,10 @@ class Cache:
             return reply, Signal.DEFERRED
         entry = Entry.of(reply, reply.body or b"", None, self._clock.time())
         if store:
-            await self._put(key, entry)
+            if self._memory is not None:
+                self._put_now(key, entry)
+            else:
+                await self._put(key, entry)
         return reply, Shared(entry, True)
 
     def _storable(self, call: Call, reply: Reply) -> bool:
@@ -281,18 +293,32 @@ class Cache:
         return reply.body is not None and len(reply.body) <= self._max_entry
 
     async def _put(self, key: str, entry: Entry) -> None:
-        try:
-            data = entry.encode()
-        except orjson.JSONEncodeError:  # a header value that is not valid UTF-8
-            self._log.warning("cache_store_refused", reason="header is not valid UTF-8")
-            return
-        if any(secret in data for secret in self._secrets):
-            self._log.warning("cache_store_refused", reason="reply contains a configured secret")
+        data = self._encoded(entry)
+        if data is None:
             return
         try:
             await self._kv.set(key, data, self._ttl_s)
         except StateError:
             pass  # fail open: counted and logged by the backend
+
+    def _put_now(self, key: str, entry: Entry) -> None:
+        """:meth:`_put` into the memory KV."""
+        assert self._memory is not None
+        data = self._encoded(entry)
+        if data is not None:
+            self._memory.set_now(key, data, self._ttl_s)
+
+    def _encoded(self, entry: Entry) -> bytes | None:
+        """The entry's bytes, or None when it must not be stored."""
+        try:
+            data = entry.encode()
+        except orjson.JSONEncodeError:  # a header value that is not valid UTF-8
+            self._log.warning("cache_store_refused", reason="header is not valid UTF-8")
+            return None
+        if self._secrets and any(secret in data for secret in self._secrets):
+            self._log.warning("cache_store_refused", reason="reply contains a configured secret")
+            return None
+        return data
 
     async def _follow(self, call: Call, key: str, flight: Flight) -> Outcome:
         """Wait for the leader within the follower's deadline (never cancelling the flight).

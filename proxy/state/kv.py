@@ -122,6 +122,11 @@ class MemoryKV:
         if found is not None:
             self.size_bytes -= _cost(key, found[0])
 
+    #: :meth:`get` and :meth:`set` without a coroutine, for a caller that knows it holds a
+    #: MemoryKV (the cache's hot path: no I/O, nothing to wait for)
+    get_now = _live
+    set_now = _put
+
 
 def _cost(key: str, value: bytes) -> int:
     return len(key) + len(value) + ENTRY_OVERHEAD
