@@ -14,6 +14,7 @@ Raw-HTTP helpers and scripted upstreams for the core's tests are in ``tests/core
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import socket
@@ -30,7 +31,7 @@ import structlog
 
 from proxy import accesslog
 from proxy.clock import Clock
-from proxy.loader import parse_config
+from proxy.loader import LoadedConfig, parse_config
 from proxy.metrics import Metrics
 from proxy.mock import MockProvider, start_mock
 from proxy.server import ProxyServer
@@ -134,6 +135,23 @@ def redis_server(redis_session: RedisServer) -> Iterator[RedisServer]:
 
 MakeProxy = Callable[..., Awaitable[ProxyServer]]
 
+#: the Redis timeout of a test proxy whose config sets none (the product default is 100 ms)
+TEST_REDIS_TIMEOUT = 2.0
+
+
+def with_test_redis_timeout(loaded: LoadedConfig) -> LoadedConfig:
+    """``state.redis.timeout: 2s`` when the state backend is Redis and the config sets no
+    timeout there; a config's own timeout (e.g. a test of a slow or dead Redis) is kept.
+
+    Why: on a loaded CI machine a Redis call can take over 100 ms and the feature then fails
+    open by design, failing a test about something else; fail-open is tested on its own."""
+    state = loaded.config.state
+    if state.backend != "redis" or "timeout" in state.redis.model_fields_set:
+        return loaded
+    redis = state.redis.model_copy(update={"timeout": TEST_REDIS_TIMEOUT})
+    config = loaded.config.model_copy(update={"state": state.model_copy(update={"redis": redis})})
+    return dataclasses.replace(loaded, config=config)
+
 
 @pytest.fixture
 async def make_proxy() -> AsyncIterator[MakeProxy]:
@@ -143,6 +161,8 @@ async def make_proxy() -> AsyncIterator[MakeProxy]:
     async def make(yaml_text: str, *, clock: Clock | None = None, env: dict[str, str] | None = None,
                    path: str | None = None, **kwargs: Any) -> ProxyServer:
         loaded = parse_config(yaml_text, path or "<test>", env=env or dict(os.environ))
+        if path is None:  # a file-backed config is re-read on reload: it must stay as written
+            loaded = with_test_redis_timeout(loaded)
         server = ProxyServer(loaded, clock=clock, metrics=Metrics(), **kwargs)
         await server.start(listen="127.0.0.1:0", admin_listen="127.0.0.1:0")
         started.append(server)
