@@ -40,7 +40,8 @@ class UpstreamBody(Protocol):
 class ReplyStream:
     """A streamed upstream body whose first chunk has arrived.
 
-    ``observers`` see every chunk (metering, cache recording); ``on_close`` callbacks run
+    ``observers`` see every chunk (metering, cache recording) once it went to the client
+    (or failed to: they never change what is sent); ``on_close`` callbacks run
     once when the stream ends, with ``True`` when it completed and ``False`` when it broke
     or the client went away.
     """

@@ -172,10 +172,16 @@ class DataPlane:
         idle_s = call.arm.timeout.idle
         timers = self._deps.timers
         relay_started = self._clock.monotonic()
+        observers = stream.observers
         try:
-            for observe in stream.observers:
-                observe(stream.first)
-            await request.start_stream(reply.status, headers, stream.first)
+            # each piece goes to the client first, then to the observers (metering, cache
+            # recording: they never change what is sent), which see it even if the write
+            # fails (the provider sent it: it was used)
+            try:
+                await request.start_stream(reply.status, headers, stream.first)
+            finally:
+                for observe in observers:
+                    observe(stream.first)
             chunks = aiter(stream)
             while True:
                 left = call.time_left()
@@ -188,9 +194,11 @@ class DataPlane:
                 except TimeoutError:
                     named = idle_s if timer == "idle" else call.arm.timeout.total
                     raise Timeout(timer, named) from None
-                for observe in stream.observers:
-                    observe(chunk)
-                await request.write(chunk)
+                try:
+                    await request.write(chunk)
+                finally:
+                    for observe in observers:
+                        observe(chunk)
             await request.write_eof()
             completed = True
         except (Timeout, UpstreamError) as exc:
