@@ -166,8 +166,6 @@ class DataPlane:
                             headers: list[tuple[str, str]], done: _Done) -> None:
         stream = reply.stream
         assert stream is not None
-        sse = any(k.lower() == "content-type" and v.startswith("text/event-stream")
-                  for k, v in headers)
         completed = False
         idle_s = call.arm.timeout.idle
         timers = self._deps.timers
@@ -203,7 +201,8 @@ class DataPlane:
             completed = True
         except (Timeout, UpstreamError) as exc:
             done.outcome, done.error = "stream_interrupted", exc.message
-            if sse:
+            if any(k.lower() == "content-type" and v.startswith("text/event-stream")
+                   for k, v in headers):  # an SSE client is told, in its own format
                 err = {"error": {"type": exc.type, "message": exc.message,
                                  "request_id": call.request_id, "route": call.route.name}}
                 await request.write(b"event: error\ndata: " + orjson.dumps(err) + b"\n\n")
