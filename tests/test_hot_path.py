@@ -362,7 +362,8 @@ async def test_memory_ledger_does_not_grow_per_request():
     """Settled holds leave no per-request residue beyond the bounded dedupe: after many
     reserve/settle pairs the counter keeps at most MEMORY_SETTLED_MAX settled ids (the most
     recent: the last one still deduplicates) and no holds (it grew by ~200 bytes a request
-    for an hour)."""
+    for an hour). The bound costs O(1) per settle: a dict used as a FIFO (delete its first
+    key) made each settle scan the deleted slots, 2.8% of the full set's CPU."""
     from proxy.state.ledger import (
         MEMORY_SETTLED_MAX,
         CounterRef,
@@ -378,7 +379,8 @@ async def test_memory_ledger_does_not_grow_per_request():
         assert res.reservation is not None
         await ledger.settle(res.reservation, 5, True, limits, 1000.0 + i * 1e-3)
     c = ledger._counters[(counter.tag, counter.window)]
-    assert len(c.settled) == MEMORY_SETTLED_MAX and len(c.holds) == 0
+    remembered = len(c.settled) + len(c.settled_before)
+    assert MEMORY_SETTLED_MAX // 2 <= remembered <= MEMORY_SETTLED_MAX and len(c.holds) == 0
     assert c.requests == MEMORY_SETTLED_MAX + 5000
     again = await ledger.settle(res.reservation, 5, True, limits, 2000.0)
     assert not again.applied and c.requests == MEMORY_SETTLED_MAX + 5000

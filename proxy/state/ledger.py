@@ -48,10 +48,10 @@ if TYPE_CHECKING:
 NANO_PER_USD = 1_000_000_000
 #: how long a counter in Redis remembers a settled hold (retried settlements are deduplicated)
 SETTLE_DEDUPE_S = 3600.0
-#: the memory ledger remembers the last this many settled holds per counter (the most recent
-#: ones, whatever their age): in one process a settlement is never retried (no network to
-#: time out), so the dedupe only guards against a double call, and an hour of settlements
-#: would grow by ~200 bytes per request
+#: the memory ledger remembers at most this many settled holds per counter (the most recent
+#: ones, at least half as many, whatever their age): in one process a settlement is never
+#: retried (no network to time out), so the dedupe only guards against a double call, and
+#: an hour of settlements would grow by ~200 bytes per request
 MEMORY_SETTLED_MAX = 10_000
 #: counters outlive their window by this much (late settlements, the status of yesterday)
 COUNTER_GRACE_S = 2 * 86400.0
@@ -198,8 +198,10 @@ class _Counter:
     holds: dict[str, tuple[int, float]] = field(default_factory=dict)
     #: no hold expires before this (the earliest ``hold_until`` when last looked at)
     next_expiry: float = math.inf
-    #: recently settled members, oldest first (a dict: ordered, O(1) membership)
-    settled: dict[str, None] = field(default_factory=dict)
+    #: recently settled members, in two generations: the newer fills up to half of
+    #: MEMORY_SETTLED_MAX, then replaces the older (O(1) per call; no FIFO of the members)
+    settled: set[str] = field(default_factory=set)
+    settled_before: set[str] = field(default_factory=set)
 
     def totals(self, flags: bool = False) -> Totals:
         return Totals(self.spend, self.reserved, self.requests, self.reserved_requests,
@@ -236,11 +238,11 @@ class _Counter:
     def first_settle(self, member: str) -> bool:
         """Remember ``member`` as settled; False when it already was."""
         settled = self.settled
-        if member in settled:
+        if member in settled or member in self.settled_before:
             return False
-        settled[member] = None
-        if len(settled) > MEMORY_SETTLED_MAX:
-            del settled[next(iter(settled))]
+        settled.add(member)
+        if len(settled) >= MEMORY_SETTLED_MAX // 2:
+            self.settled_before, self.settled = settled, set()
         return True
 
 
