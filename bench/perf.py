@@ -24,8 +24,12 @@ Per round, in a shuffled target order (fixed seed), each target gets:
    ``--latency-s``: p50 / p99 from wrk's histogram;
 2. throughput: ``wrk -t1 -c32`` for ``--rps-s``, with the target's CPU time (utime+stime of
    its process tree from ``/proc/<pid>/stat``) read before and after: RPS and CPU ms/request;
-3. SSE: ``--sse`` sequential streamed completions on one keep-alive connection (a blocking
-   socket client): time from sending the request to the first ``data:`` bytes.
+
+then, for every target at once, 3. SSE: ``--sse`` streamed completions each, on one
+keep-alive connection per target (a blocking socket client), interleaved request by
+request across the targets (one stream to each in turn, so drift on the shared machine
+hits all alike: in blocks of 60 per target the added figures moved by ±200 µs between
+runs): time from sending the request to the first ``data:`` bytes.
 
 Every request is a ``POST /v1/chat/completions`` with a unique ~110-byte JSON body (a
 counter) and an ``x-user-id`` from 1,000 users; any non-2xx fails the run. Figures are
@@ -280,21 +284,35 @@ def post_once(port: int, stream: bool) -> tuple[int, float | None]:
         return _read_reply(sock, t0)
 
 
+def sse_interleaved_ms(ports: dict[str, int], n: int, seq: int) -> dict[str, list[float]]:
+    """``n`` streamed completions to each port, one to each in turn, on one keep-alive
+    connection per port: ms to the first body bytes of each."""
+    out: dict[str, list[float]] = {name: [] for name in ports}
+    socks: dict[str, socket.socket] = {}
+    try:
+        for name, port in ports.items():
+            sock = socks[name] = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(n):
+            for name, sock in socks.items():
+                port = ports[name]
+                request = _request(port, seq + i, True)
+                t0 = time.perf_counter()
+                sock.sendall(request)
+                status, first = _read_reply(sock, t0)
+                if status != 200 or first is None:
+                    raise RuntimeError(f"SSE through port {port}: status {status}")
+                out[name].append(first * 1000)
+    finally:
+        for sock in socks.values():
+            sock.close()
+    return out
+
+
 def sse_ttfb_ms(port: int, n: int, seq: int) -> list[float]:
     """``n`` sequential streamed completions on one keep-alive connection: ms to the first
     body bytes of each (the mock sends 4 chunks 2 ms apart: a buffering hop shows)."""
-    out = []
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(n):
-            request = _request(port, seq + i, True)
-            t0 = time.perf_counter()
-            sock.sendall(request)
-            status, first = _read_reply(sock, t0)
-            if status != 200 or first is None:
-                raise RuntimeError(f"SSE through port {port}: status {status}")
-            out.append(first * 1000)
-    return out
+    return sse_interleaved_ms({"target": port}, n, seq)["target"]
 
 
 class Wrk:
@@ -421,15 +439,17 @@ def measure(targets: list[Target], args: argparse.Namespace, wrk: Wrk) -> None:
             before = cpu_ms(t.pids)
             thr = wrk.run(t.port, 32, args.rps_s)
             spent = cpu_ms(t.pids) - before
-            ttfb = sse_ttfb_ms(t.port, args.sse, wrk.seq + 5_000_000)
             t.rounds.append({
                 "round": r, "load1": load,
                 "p50_ms": lat["p50_us"] / 1000, "p99_ms": lat["p99_us"] / 1000,
                 "rps": thr["requests"] / (thr["duration_us"] / 1e6),
                 "socket_errors": thr["socket_errors"] + lat["socket_errors"],
                 "cpu_ms_per_req": spent / thr["requests"] if t.proc is not None else None,
-                "sse_ttfb_ms": statistics.median(ttfb),
             })
+        ttfb = sse_interleaved_ms({t.name: t.port for t in order}, args.sse,
+                                  wrk.seq + 5_000_000)
+        for t in order:
+            t.rounds[-1]["sse_ttfb_ms"] = statistics.median(ttfb[t.name])
         print(f"round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.2f}", flush=True)
 
 
