@@ -116,7 +116,8 @@ class CanaryController:
         self._store = store
         self._clock = deps.clock
         self._log = deps.log
-        self._gauge = deps.metrics.canary_weight.labels(route)
+        self._weights = deps.metrics.canary_weight
+        self._gauge = self._weights.labels(route)
         self._rollbacks = deps.metrics.canary_rollbacks.labels(route)
         self._ar = cfg.auto_rollback
         self._window_s = self._ar.window if self._ar is not None else DEFAULT_WINDOW_S
@@ -134,6 +135,15 @@ class CanaryController:
             if previous.epoch == epoch and previous._window_s == self._window_s:
                 self._buffer = previous._buffer  # in-flight requests of the old config too
         self._gauge.set(self.weight)
+
+    def retire(self) -> None:
+        """The route's canary block is gone (or the route): its weight gauge goes too, not
+        left showing the last weight. (With ``--workers``, prometheus-client's multiprocess
+        files keep the last value until the workers restart.)"""
+        try:
+            self._weights.remove(self.route)
+        except KeyError:
+            pass
 
     # ------------------------------------------------------------------ hot path
 

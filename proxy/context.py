@@ -63,8 +63,15 @@ class Keeper:
         return None if found is None else found[1]
 
     def commit(self) -> None:
-        """The new config is live: drop what it no longer uses."""
+        """The new config is live: drop what it no longer uses. An object that has no
+        successor under its kind and name (its route or block was removed) is told so by
+        its ``retire()``, when it has one (e.g. its labelled gauge leaves /metrics)."""
+        dropped = [obj for key, (_, obj) in self._live.items() if key not in self._next]
         self._live, self._next = self._next, {}
+        for obj in dropped:
+            retire = getattr(obj, "retire", None)
+            if retire is not None:
+                retire()
 
     def abort(self) -> None:
         self._next = {}

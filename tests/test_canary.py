@@ -170,6 +170,26 @@ async def test_weight_survives_reload_unless_the_file_changed_it(
     assert canary_status(status)["weight"] == 15 and canary_status(status)["state"] == "active"
 
 
+async def test_removing_the_canary_block_removes_its_weight_gauge(
+        mock_provider, mock_provider2, make_proxy, http, tmp_path: Path):
+    """A reload without the route's canary block takes ``rp_canary_weight{route}`` out of
+    /metrics (it showed the last weight forever); a reload that keeps the block keeps it."""
+    path = tmp_path / "canary.yaml"
+    text = config(mock_provider, mock_provider2, canary="weight: 40")
+    path.write_text(text)
+    proxy = await make_proxy(text, path=str(path), clock=FakeClock())
+    series = 'rp_canary_weight{route="chat"}'
+    assert f"{series} 40.0" in proxy.deps.metrics.render().decode()
+    path.write_text(text.replace("max_error_rate: 0.05", "max_error_rate: 0.1"))
+    assert (await admin(http, proxy, "POST", "/admin/reload"))[0] == 200
+    assert f"{series} 40.0" in proxy.deps.metrics.render().decode()
+    start, end = text.index("    canary:"), text.index("  - name: plain")
+    path.write_text(text[:start] + text[end:])
+    assert (await admin(http, proxy, "POST", "/admin/reload"))[0] == 200
+    assert series not in proxy.deps.metrics.render().decode()
+    assert (await chat(http, proxy, "user-1"))[0] == 200
+
+
 # --------------------------------------------------------------------------- auto-rollback
 
 
