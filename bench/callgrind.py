@@ -19,7 +19,6 @@ keeps the callgrind output for ``callgrind_annotate``. Needs valgrind.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import socket
 import subprocess
@@ -41,6 +40,7 @@ from perf import (  # bench/ is not a package: imported from its directory
     PATH,
     ROOT,
     Procs,
+    _read_reply,
     free_port,
     wait_up,
 )
@@ -55,37 +55,16 @@ def _request(port: int, seq: int) -> bytes:
             f"x-user-id: {user}\r\n\r\n").encode() + body
 
 
-def _read_one(sock: socket.socket, buf: bytes) -> bytes:
-    """Read one whole (content-length framed) response; return what follows it."""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed before the response head")
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"not 200: {head[:80]!r}")
-    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    if m is None:
-        raise RuntimeError("no content-length")
-    need = int(m.group(1))
-    while len(rest) < need:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed mid-body")
-        rest += data
-    return rest[need:]
-
-
 def drive(port: int, n: int, start: int, connections: int) -> None:
     """``n`` requests over ``connections`` keep-alive connections, one at a time on each."""
     def worker(i: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            buf = b""
             for k in range(i, n, connections):
                 sock.sendall(_request(port, start + k))
-                buf = _read_one(sock, buf)
+                status, _ = _read_reply(sock, 0.0)
+                if status != 200:
+                    raise RuntimeError(f"port {port}: status {status}")
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(connections)]
     for t in threads:
         t.start()
