@@ -7,14 +7,14 @@ client-controlled value (a path, a request id) cannot forge a line.
 The access-log line (one per request, the hot path) skips structlog's processor chain:
 :class:`AccessLog` renders the same line (the fields, then ``event``, ``level``,
 ``timestamp``) with one orjson call into stdout's buffer, flushed within
-``FLUSH_INTERVAL_S`` (or when the 64 KiB buffer fills, or with any other log line) rather
+``FLUSH_INTERVAL_S`` (or when the buffer fills, or with any other log line) rather
 than once per line: like nginx's ``access_log ... buffer= flush=``, a write per batch. That
 holds under ``PYTHONUNBUFFERED=1`` / ``python -u`` too (set in the image, as in most Python
 images), where ``sys.stdout.buffer`` is the raw file: the log lines then go through a
-buffered writer of their own on a duplicate of the descriptor, not one write per line. It
-goes through structlog whenever the chain is not the one :func:`configure` installed
-(``structlog.testing.capture_logs`` in tests) or context variables are bound, so what tests
-capture and what production writes agree.
+buffered writer of their own (``BUFFER_BYTES``) on a duplicate of the descriptor, not one
+write per line. It goes through structlog whenever the chain is not the one
+:func:`configure` installed (``structlog.testing.capture_logs`` in tests) or context
+variables are bound, so what tests capture and what production writes agree.
 """
 
 from __future__ import annotations
